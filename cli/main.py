@@ -1,0 +1,208 @@
+"""`datm`: the command line. Each stage command runs the very function its DVC stage runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stages import common
+
+app = typer.Typer(help="Dataset distillation by difficulty-aligned trajectory matching (DATM).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
+RootOpt = Annotated[Path, typer.Option("--root", help="project root (data/, artifacts/)")]
+PRESETS = Path(__file__).resolve().parent.parent / "presets"
+
+
+def _run(fn) -> None:
+    code = common.guarded(fn)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("data")
+def data_cmd(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Read the dataset into data/{train,test}.safetensors (stage: download)."""
+    from stages import download
+
+    _run(lambda: download.run(str(params), str(root)))
+
+
+@app.command()
+def zca(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Fit ZCA whitening on the training images (stage: zca)."""
+    from stages import zca as stage
+
+    _run(lambda: stage.run(str(params), str(root)))
+
+
+@app.command()
+def buffers(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Train the expert trajectories; resumes at the next unfinished expert (stage: buffers)."""
+    from stages import buffers as stage
+
+    _run(lambda: stage.run(str(params), str(root)))
+
+
+@app.command()
+def distill(ipc: Annotated[int, typer.Option(help="images per class")],
+            fresh: Annotated[bool, typer.Option(help="ignore an existing checkpoint")] = False,
+            params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Distill one IPC; resumes from its checkpoint after a kill (stage: distill@IPC)."""
+    from stages import distill as stage
+
+    _run(lambda: stage.run(ipc, str(params), str(root), fresh))
+
+
+@app.command()
+def fullset(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Accuracy of the evaluation network on the full real training set (stage: fullset)."""
+    from stages import evaluate as stage
+
+    _run(lambda: stage.run_fullset(str(params), str(root)))
+
+
+@app.command()
+def evaluate(ipc: Annotated[int | None, typer.Option(help="evaluate this distilled IPC")] = None,
+             from_: Annotated[Path | None, typer.Option(
+                 "--from", help="evaluate an exported set (a folder from `datm export`)")] = None,
+             params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Train fresh networks on a distilled set and report test accuracy (stage: evaluate@IPC)."""
+    from stages import evaluate as stage
+
+    if (ipc is None) == (from_ is None):
+        common.console.print("[bold red]error:[/] pass exactly one of --ipc N or --from DIR")
+        raise typer.Exit(2)
+    if ipc is not None:
+        _run(lambda: stage.run(ipc, str(params), str(root)))
+    else:
+        _run(lambda: stage.run_export(from_, str(params), str(root)))
+
+
+@app.command()
+def summary(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Accuracy vs IPC table, figures and reports/summary.md (stage: summary)."""
+    from stages import summary as stage
+
+    _run(lambda: stage.run(str(params), str(root)))
+
+
+@app.command()
+def export(ipc: Annotated[int, typer.Option(help="which distilled IPC")],
+           out: Annotated[Path, typer.Option(help="output folder")],
+           format: Annotated[str, typer.Option(
+               "--format", "-f", help="safetensors | pt | npz | png")] = "safetensors",
+           force: Annotated[bool, typer.Option(help="overwrite a non-empty --out")] = False,
+           root: RootOpt = Path(".")) -> None:
+    """Write a distilled set in pixel space with soft labels, lr and a dataset card."""
+    from datm import pipeline
+    from datm.export import ExportError
+    from datm.tracking import git_commit
+
+    def go() -> None:
+        try:
+            path = pipeline.export_ipc(common.paths(root), ipc, format, out, force,
+                                       git_commit(root))
+        except ExportError as exc:
+            raise ValueError(str(exc)) from None
+        common.console.print(f"[green]exported[/] IPC {ipc} as {format} -> {path}")
+
+    _run(go)
+
+
+@app.command()
+def repro(preset: Annotated[str | None, typer.Option(
+              help="run a preset from presets/ (its params replace params.yaml's)")] = None,
+          targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g. buffers")] = None,
+          force: Annotated[bool, typer.Option(help="re-run even if up to date")] = False) -> None:
+    """Run the pipeline with `dvc repro` (a preset runs as a DVC experiment)."""
+    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    if preset:
+        source = PRESETS / f"{preset}.yaml"
+        if not source.is_file():
+            names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml"))) or "none"
+            common.console.print(f"[bold red]error:[/] no preset '{preset}' (presets: {names})")
+            raise typer.Exit(2)
+        cmd = _preset_command(dvc, source, preset)
+    else:
+        cmd = [dvc, "repro", *(targets or [])] + (["--force"] if force else [])
+    common.console.print(f"[dim]$ {' '.join(cmd)}[/]")
+    # dvc.yaml runs `python -m stages...`: make that the python datm runs in (the venv's).
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+def _preset_command(dvc: str, source: Path, name: str) -> list[str]:
+    """`dvc exp run -S key=value ...` for every leaf of the preset, so params.yaml stays put."""
+    import yaml
+
+    def leaves(node, prefix=""):
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                yield from leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], node
+
+    preset = yaml.safe_load(source.read_text()) or {}
+    sets = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in leaves(preset)]
+    return [dvc, "exp", "run", "--name", name] + [a for s in sets for a in ("-S", s)]
+
+
+@app.command()
+def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
+       root: RootOpt = Path(".")) -> None:
+    """Serve the MLflow UI on the local store, on loopback only."""
+    from datm.tracking import default_uri
+
+    uri = default_uri(root)
+    common.console.print(f"MLflow UI for {uri} at http://127.0.0.1:{port}  (Ctrl-C stops it)")
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    raise typer.Exit(subprocess.call([mlflow, "ui", "--host", "127.0.0.1", "--port", str(port),
+                                      "--backend-store-uri", uri], env=env))
+
+
+@app.command()
+def status(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Which artifacts exist, and how far the expert buffer and each distillation are."""
+    from rich.table import Table
+
+    from datm import artifacts, pipeline
+
+    def go() -> None:
+        p, pa = common.load(str(params)), common.paths(root)
+        table = Table("artifact", "state", "path")
+        for name, path in (("train split", pa.train), ("test split", pa.test), ("zca", pa.zca)):
+            table.add_row(name, "ok" if path.is_file() else "missing", str(path))
+        buf = pipeline.buffer_status(pa)
+        acc = f", mean test acc {buf['mean_test_acc']:.4f}" if buf["mean_test_acc"] else ""
+        table.add_row("experts", f"{buf['experts']}/{p.buffers.num_experts}{acc}", str(pa.buffers))
+        table.add_row("fullset", "ok" if pa.fullset.is_file() else "missing", str(pa.fullset))
+        for ipc in p.ipcs:
+            cfg = p.distill(ipc)
+            if pa.distilled(ipc).is_file():
+                state = "done"
+            elif pa.checkpoint(ipc).is_file():
+                it = artifacts.read_meta(pa.checkpoint(ipc)).get("iteration", 0)
+                state = f"checkpoint {it}/{cfg.iterations}"
+            else:
+                state = "missing"
+            table.add_row(f"distilled ipc {ipc}", state, str(pa.distilled(ipc)))
+            table.add_row(f"evaluated ipc {ipc}",
+                          "ok" if pa.evaluation(ipc).is_file() else "missing",
+                          str(pa.evaluation(ipc)))
+        common.console.print(table)
+
+    _run(go)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,102 @@
+"""Safetensors artifacts: atomic writes, JSON metadata, and clear errors on damage.
+
+Every artifact of the pipeline is one safetensors file whose header carries a `kind` tag and a
+JSON `meta` object, so a reader can check what it got before touching the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class ArtifactError(RuntimeError):
+    """A missing, corrupt or mismatched artifact; the message is meant for a user."""
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to `path`; rename it over `path` only if the block succeeds.
+
+    A killed process therefore never leaves a half-written artifact under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are ordinary shared files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str,
+         meta: dict[str, Any] | None = None) -> Path:
+    """Write tensors plus JSON metadata atomically."""
+    header = {"kind": kind, "meta": json.dumps(meta or {}, sort_keys=True)}
+    # safetensors refuses non-contiguous or shared storage; clone keeps callers' views untouched.
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata=header)
+    return Path(path)
+
+
+def _open(path: Path, kind: str | None):
+    if not path.exists():
+        raise ArtifactError(f"missing artifact: {path}")
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        header = handle.metadata() or {}
+    except Exception as exc:  # safetensors raises several types for a damaged header
+        raise ArtifactError(f"corrupt artifact {path}: {exc}") from None
+    found = header.get("kind")
+    if kind is not None and found != kind:
+        raise ArtifactError(f"{path} is a '{found}' artifact, expected '{kind}'")
+    try:
+        meta = json.loads(header.get("meta", "{}"))
+    except json.JSONDecodeError:
+        raise ArtifactError(f"corrupt artifact {path}: unreadable metadata") from None
+    return handle, meta
+
+
+def read_meta(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """Metadata only; the tensors are not read."""
+    _, meta = _open(Path(path), kind)
+    return meta
+
+
+def load(path: str | os.PathLike, kind: str | None = None,
+         keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load (tensors, metadata); `keys` restricts which tensors are read."""
+    path = Path(path)
+    handle, meta = _open(path, kind)
+    try:
+        names = keys if keys is not None else list(handle.keys())
+        tensors = {k: handle.get_tensor(k) for k in names}
+    except Exception as exc:
+        raise ArtifactError(f"corrupt artifact {path}: {exc}") from None
+    return tensors, meta
+
+
+def load_rows(path: str | os.PathLike, key: str, rows: list[int],
+              kind: str | None = None) -> torch.Tensor:
+    """Read selected rows of one 2-D tensor without loading the others (memory-mapped slices)."""
+    path = Path(path)
+    handle, _ = _open(path, kind)
+    try:
+        sl = handle.get_slice(key)
+        return torch.stack([sl[r:r + 1][0] for r in rows])
+    except Exception as exc:
+        raise ArtifactError(f"corrupt artifact {path}: {exc}") from None

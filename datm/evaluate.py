@@ -1,0 +1,125 @@
+"""Evaluation protocol (ALGORITHM.md section 6): train fresh networks on a set, test on real data.
+
+The same `train_and_test` serves the distilled set (soft labels, learned lr), the random real
+subset baseline (hard labels) and the full-dataset reference, so the three numbers are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from .augment import AugConfig, augment
+from .networks import NetSpec, build, soft_cross_entropy
+
+ARCHS = ("convnet", "convnet_bn", "resnet18")
+Callback = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    models: int = 5               # fresh networks per set; mean and std are over these
+    epochs: int = 1000
+    batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr: float = 0.0               # 0: the distilled set's learned lr
+    random_lr: float = 0.01       # lr of the random-real-subset baseline
+    arch: str = "convnet"
+    augment: bool = True
+    fullset_epochs: int = 30
+    fullset_lr: float = 0.01
+    fullset_models: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got '{self.arch}'")
+        if self.models < 1 or self.epochs < 1 or self.batch < 1:
+            raise ValueError("models, epochs and batch must be >= 1")
+
+
+def arch_spec(base: NetSpec, arch: str) -> NetSpec:
+    """The evaluation network: the experts' ConvNet, it with batch norm, or a ResNet-18."""
+    if arch == "convnet_bn":
+        return replace(base, norm="batch")
+    if arch == "resnet18":
+        return replace(base, model="resnet18", norm="batch")
+    return base
+
+
+@torch.no_grad()
+def test_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  chunk: int = 2048) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, x.shape[0], chunk):
+        correct += int((model(x[start:start + chunk]).argmax(1) == y[start:start + chunk]).sum())
+    model.train()
+    return correct / x.shape[0]
+
+
+def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: float,
+                   epochs: int, cfg: EvalConfig, aug: AugConfig, x_test: torch.Tensor,
+                   y_test: torch.Tensor, seed: int, callback: Callback | None = None) -> float:
+    """Train one fresh network; `targets` are label logits (soft CE) or class ids (hard CE).
+
+    SGD with momentum and weight decay, lr x0.1 at half the epochs, DSA on each batch.
+    """
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"evaluation lr must be a positive number, got {lr}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build(spec).to(x.device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2], 0.1)
+    soft = targets.dtype.is_floating_point
+    aug = aug if cfg.augment else replace(aug, enabled=False)
+    n, batch = x.shape[0], min(cfg.batch, x.shape[0])
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen).to(x.device)
+        for start in range(0, n, batch):
+            idx = order[start:start + batch]
+            if idx.numel() < 2 and spec.norm == "batch":
+                continue  # batch norm cannot train on a single image
+            out = model(augment(x[idx], aug, gen))
+            loss = soft_cross_entropy(out, targets[idx]) if soft else F.cross_entropy(out, targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        if callback:
+            callback({"event": "epoch", "epoch": epoch + 1, "epochs": epochs})
+    return test_accuracy(model, x_test, y_test)
+
+
+def evaluate_set(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: float, epochs: int,
+                 models: int, cfg: EvalConfig, aug: AugConfig, x_test: torch.Tensor,
+                 y_test: torch.Tensor, seed: int, callback: Callback | None = None) -> dict:
+    """Accuracy of `models` fresh networks on one set: {"mean", "std", "accs"}."""
+    accs = []
+    for k in range(models):
+        accs.append(train_and_test(spec, x, targets, lr, epochs, cfg, aug, x_test, y_test,
+                                   seed * 1009 + k, callback))
+        if callback:
+            callback({"event": "model", "model": k + 1, "models": models, "acc": accs[-1]})
+    t = torch.tensor(accs, dtype=torch.float64)
+    std = float(t.std()) if len(accs) > 1 else 0.0
+    return {"mean": float(t.mean()), "std": std, "accs": accs}
+
+
+def random_subset(y: torch.Tensor, ipc: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Indices of `ipc` random real images per class."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(num_classes):
+        idx = torch.nonzero(y == c).flatten()
+        chosen.append(idx[torch.randperm(len(idx), generator=gen)[:ipc].to(idx.device)])
+    return torch.cat(chosen)

@@ -1,0 +1,224 @@
+"""Expert trajectories: K networks trained on the real data, parameters saved after every epoch.
+
+Experts train in groups as one batched model (torch.func.vmap over stacked flat parameters), so
+a GPU is kept busy by small ConvNets; a group of one is the plain one-at-a-time loop. Each
+finished expert is one safetensors file, written atomically, so a killed run resumes at the
+next unfinished expert and never recomputes a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad, vmap
+
+from . import artifacts
+from .augment import AugConfig, augment
+from .networks import FlatModel, NetSpec
+
+KIND = "expert"
+Callback = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    num_experts: int = 5
+    epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch: int = 256
+    rho: float = 0.0          # sharpness-aware radius (flat-minimum experts); 0 = plain SGD
+    group: int = 1            # experts trained together as one batched model
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1 or self.epochs < 1 or self.batch < 1 or self.group < 1:
+            raise ValueError("buffers: num_experts, epochs, batch and group must be >= 1")
+        if self.lr <= 0 or self.rho < 0:
+            raise ValueError("buffers: lr must be > 0 and rho >= 0")
+
+
+def config_hash(spec: NetSpec, cfg: ExpertConfig, aug: AugConfig, data_id: str) -> str:
+    """Identity of what an expert file contains; `num_experts` and `group` do not change it."""
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("num_experts", "group")}
+    payload = json.dumps([spec.to_dict(), recipe, asdict(aug), data_id], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def expert_path(out_dir: Path, index: int) -> Path:
+    return Path(out_dir) / f"expert_{index:03d}.safetensors"
+
+
+def _batched_grad(fm: FlatModel, weight_decay: float, group: int):
+    """(gradient, number correct) of the cross-entropy for stacked experts [G, P].
+
+    A group of one runs plain autograd: on a CPU it is ~1.5x faster than torch.func's grad and
+    ~3x faster than vmap, whose batched convolutions only pay off on a GPU.
+    """
+    def loss(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+        logits = fm(theta, x)
+        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).sum()
+
+    if group == 1:
+        def single(thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+            theta = thetas[0].detach().requires_grad_()
+            with torch.enable_grad():
+                value, correct = loss(theta, x[0], y[0])
+                (g,) = torch.autograd.grad(value, theta)
+            return g[None], correct[None]
+        base = single
+    else:
+        base = vmap(grad(loss, has_aux=True))
+    if weight_decay == 0:
+        return base
+
+    def with_decay(thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+        g, correct = base(thetas, x, y)
+        return g + weight_decay * thetas, correct
+    return with_decay
+
+
+@torch.no_grad()
+def accuracy(fm: FlatModel, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+             chunk: int = 2048) -> list[float]:
+    """Accuracy of each of the stacked parameter vectors `thetas` [G, P] on (x, y)."""
+    forward = vmap(fm, in_dims=(0, None))
+    correct = torch.zeros(thetas.shape[0], device=thetas.device)
+    for start in range(0, x.shape[0], chunk):
+        logits = forward(thetas, x[start:start + chunk])
+        correct += (logits.argmax(-1) == y[start:start + chunk]).sum(-1)
+    return (correct / x.shape[0]).tolist()
+
+
+def train_group(fm: FlatModel, seeds: list[int], x: torch.Tensor, y: torch.Tensor,
+                x_test: torch.Tensor, y_test: torch.Tensor, cfg: ExpertConfig, aug: AugConfig,
+                callback: Callback | None = None) -> tuple[torch.Tensor, dict]:
+    """Train len(seeds) experts together; returns trajectories [G, epochs+1, P] and history."""
+    device = x.device
+    thetas = torch.stack([fm.init(s) for s in seeds]).to(device)
+    gens = [torch.Generator().manual_seed(s + 7919) for s in seeds]
+    grad_fn = _batched_grad(fm, cfg.weight_decay, len(seeds))
+    velocity = torch.zeros_like(thetas)
+    traj = [thetas.cpu()]
+    history = {"train_acc": [], "test_acc": [], "epoch_time_s": []}
+    n = x.shape[0]
+    bs = min(cfg.batch, n)
+    steps = n // bs
+    fm.train(True)
+    for epoch in range(cfg.epochs):
+        start = time.perf_counter()
+        perms = [torch.randperm(n, generator=g).to(device) for g in gens]
+        correct = torch.zeros(len(seeds), device=device)
+        for step in range(steps):
+            idx = torch.stack([p[step * bs:(step + 1) * bs] for p in perms])
+            xb = torch.stack([augment(x[i], aug, g) for i, g in zip(idx, gens)])
+            yb = y[idx]
+            g, hits = grad_fn(thetas, xb, yb)
+            correct += hits
+            if cfg.rho > 0:
+                # Sharpness-aware step: the gradient at the worst point within radius rho.
+                norm = g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                g, _ = grad_fn(thetas + cfg.rho * g / norm, xb, yb)
+            velocity = cfg.momentum * velocity + g if cfg.momentum else g
+            thetas = thetas - cfg.lr * velocity
+            if callback:
+                callback({"event": "step", "step": step + 1, "steps": steps, "epoch": epoch})
+        traj.append(thetas.cpu())
+        history["train_acc"].append((correct / (steps * bs)).tolist())
+        history["test_acc"].append(accuracy(fm, thetas, x_test, y_test))
+        history["epoch_time_s"].append(time.perf_counter() - start)
+        if callback:
+            callback({"event": "epoch", "epoch": epoch + 1, "epochs": cfg.epochs,
+                      "train_acc": history["train_acc"][-1], "test_acc": history["test_acc"][-1],
+                      "seconds": history["epoch_time_s"][-1]})
+    return torch.stack(traj, dim=1), history
+
+
+def train_experts(out_dir: str | Path, spec: NetSpec, x: torch.Tensor, y: torch.Tensor,
+                  x_test: torch.Tensor, y_test: torch.Tensor, cfg: ExpertConfig, aug: AugConfig,
+                  data_id: str = "", callback: Callback | None = None) -> list[Path]:
+    """Make sure experts 0..K-1 exist in `out_dir`, training only the missing ones."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = config_hash(spec, cfg, aug, data_id)
+    _drop_stale(out_dir, digest, cfg.num_experts)
+    todo = [k for k in range(cfg.num_experts) if not expert_path(out_dir, k).exists()]
+    if callback:
+        callback({"event": "start", "done": cfg.num_experts - len(todo),
+                  "total": cfg.num_experts})
+    fm = FlatModel(spec, x.device)
+    for start in range(0, len(todo), cfg.group):
+        group = todo[start:start + cfg.group]
+        if callback:
+            callback({"event": "group", "experts": group})
+        tic = time.perf_counter()
+        trajs, history = train_group(fm, [cfg.seed * 100_003 + k for k in group], x, y,
+                                     x_test, y_test, cfg, aug, callback)
+        seconds = time.perf_counter() - tic
+        for j, k in enumerate(group):
+            meta = {"spec": spec.to_dict(), "config": asdict(cfg), "aug": asdict(aug),
+                    "hash": digest, "index": k, "epochs": cfg.epochs,
+                    "train_acc": [a[j] for a in history["train_acc"]],
+                    "test_acc": [a[j] for a in history["test_acc"]],
+                    "seconds": seconds / len(group), "images_seen": cfg.epochs * x.shape[0]}
+            artifacts.save(expert_path(out_dir, k), {"trajectory": trajs[j]}, KIND, meta)
+            if callback:
+                callback({"event": "expert", "index": k, "meta": meta})
+    return [expert_path(out_dir, k) for k in range(cfg.num_experts)]
+
+
+def _drop_stale(out_dir: Path, digest: str, keep: int) -> None:
+    """Remove experts made with other settings (or beyond K) so they are never mixed in."""
+    for path in sorted(out_dir.glob("expert_*.safetensors")):
+        try:
+            meta = artifacts.read_meta(path, KIND)
+            stale = meta.get("hash") != digest or meta.get("index", keep) >= keep
+        except artifacts.ArtifactError:
+            stale = True  # a damaged file is retrained rather than trusted
+        if stale:
+            path.unlink()
+    for tmp in out_dir.glob(".expert_*.tmp"):
+        tmp.unlink()
+
+
+@dataclass
+class ExpertBuffer:
+    """Read access to a directory of experts: metadata up front, epochs on demand."""
+
+    paths: list[Path]
+    metas: list[dict]
+
+    @classmethod
+    def open(cls, directory: str | Path) -> ExpertBuffer:
+        paths = sorted(Path(directory).glob("expert_*.safetensors"))
+        if not paths:
+            raise artifacts.ArtifactError(f"no experts in {directory}: run the buffers stage")
+        metas = [artifacts.read_meta(p, KIND) for p in paths]
+        return cls(paths, metas)
+
+    @property
+    def spec(self) -> NetSpec:
+        return NetSpec(**self.metas[0]["spec"])
+
+    @property
+    def epochs(self) -> int:
+        return min(m["epochs"] for m in self.metas)
+
+    @property
+    def lr(self) -> float:
+        return float(self.metas[0]["config"]["lr"])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def epochs_of(self, expert: int, epochs: list[int]) -> torch.Tensor:
+        """Parameters of one expert at the given epochs, [len(epochs), P], read lazily."""
+        return artifacts.load_rows(self.paths[expert], "trajectory", epochs, KIND)

@@ -1,0 +1,148 @@
+"""Export a distilled set in pixel space, and read an exported set back.
+
+Layout of an export directory:
+  images.{safetensors,pt,npz}  float pixels [N, C, H, W] in [0, 1], label logits/probs, lr
+  or, for png: <000_class>/<index>.png (torchvision ImageFolder layout) + labels.safetensors
+  dataset_card.json, README.md  where it came from, its settings and measured accuracies
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import artifacts
+
+FORMATS = ("safetensors", "pt", "npz", "png")
+LABELS = "labels.safetensors"
+CARD = "dataset_card.json"
+
+
+class ExportError(RuntimeError):
+    """A refused or impossible export; the message is for a user."""
+
+
+def _class_dir(index: int, name: str) -> str:
+    # Zero-padded index first so that ImageFolder's sorted order is the class order.
+    return f"{index:03d}_{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-') or 'class'}"
+
+
+def export(pixels: torch.Tensor, logits: torch.Tensor, lr: float, classes: list[str],
+           out: str | Path, fmt: str, card: dict, force: bool = False) -> Path:
+    """Write the set to `out` (refusing to overwrite unless `force`), all or nothing."""
+    if fmt not in FORMATS:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ExportError(f"{out} exists and is not empty: pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write(tmp, pixels.float().clamp(0, 1).cpu(), logits.float().cpu(), lr, classes, fmt)
+        full_card = {**card, "format": fmt, "classes": classes, "num_images": pixels.shape[0],
+                     "shape": list(pixels.shape[1:]), "lr": lr}
+        (tmp / CARD).write_text(json.dumps(full_card, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(card_markdown(full_card))
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _write(folder: Path, pixels: torch.Tensor, logits: torch.Tensor, lr: float,
+           classes: list[str], fmt: str) -> None:
+    probs = torch.softmax(logits, dim=1)
+    ipc = pixels.shape[0] // len(classes)
+    class_ids = torch.arange(len(classes)).repeat_interleave(ipc)
+    payload = {"images": pixels, "label_logits": logits, "label_probs": probs,
+               "class_ids": class_ids, "lr": torch.tensor([lr])}
+    if fmt == "safetensors":
+        artifacts.save(folder / "images.safetensors", payload, "export")
+    elif fmt == "pt":
+        torch.save(payload, folder / "images.pt")
+    elif fmt == "npz":
+        np.savez(folder / "images.npz", **{k: v.numpy() for k, v in payload.items()})
+    else:
+        from PIL import Image
+
+        files = []
+        for i, (img, c) in enumerate(zip(pixels, class_ids.tolist())):
+            sub = folder / _class_dir(c, classes[c])
+            sub.mkdir(exist_ok=True)
+            arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(sub / f"{i:06d}.png")
+            files.append(f"{sub.name}/{i:06d}.png")
+        del payload["images"]
+        artifacts.save(folder / LABELS, payload, "export-labels", {"files": files})
+
+
+def read(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
+    """(pixels [N, C, H, W] in [0, 1], label logits, lr, card) of an export directory."""
+    folder = Path(folder)
+    if not (folder / CARD).is_file():
+        raise ExportError(f"{folder} is not a datm export (no {CARD})")
+    card = json.loads((folder / CARD).read_text())
+    fmt = card.get("format")
+    if fmt == "safetensors":
+        t, _ = artifacts.load(folder / "images.safetensors", "export")
+    elif fmt == "pt":
+        t = torch.load(folder / "images.pt", weights_only=True)
+    elif fmt == "npz":
+        with np.load(folder / "images.npz") as z:
+            t = {k: torch.from_numpy(z[k]) for k in z.files}
+    elif fmt == "png":
+        from PIL import Image
+
+        t, meta = artifacts.load(folder / LABELS, "export-labels")
+        images = []
+        for name in meta["files"]:
+            with Image.open(folder / name) as im:
+                arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+            images.append(arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1))
+        t["images"] = torch.stack(images).float() / 255
+    else:
+        raise ExportError(f"{folder}/{CARD} names an unknown format '{fmt}'")
+    return t["images"].float(), t["label_logits"].float(), float(t["lr"].reshape(-1)[0]), card
+
+
+def card_markdown(card: dict) -> str:
+    acc = card.get("accuracy") or {}
+    lines = [
+        f"# Distilled {card.get('dataset', '?')}: {card.get('ipc', '?')} images per class",
+        "",
+        f"Made by datm (difficulty-aligned trajectory matching) from `{card.get('dataset')}`, "
+        f"git commit `{card.get('git_commit', 'unknown')}`.",
+        "",
+        f"- images: {card['num_images']} ({card.get('ipc')} per class, {len(card['classes'])} "
+        f"classes), shape {card['shape']}, pixel values in [0, 1], format `{card['format']}`",
+        "- labels: learned soft labels, as logits (`label_logits`) and probabilities "
+        "(`label_probs`); train with soft cross-entropy against the probabilities",
+        f"- learned learning rate: {card['lr']:.6g}",
+        f"- ZCA whitening in the pipeline: {card.get('zca')}; the images here are de-whitened. "
+        f"Normalize with mean {card.get('mean')} / std {card.get('std')}"
+        + (" and re-apply the dataset's ZCA before training" if card.get("zca") else ""),
+        "",
+        "## Measured accuracy (ConvNet, test split of the real dataset)",
+    ]
+    if acc:
+        lines += ["", "| set | accuracy |", "|---|---|"]
+        for key in ("distilled", "random_real", "full_dataset"):
+            if acc.get(key):
+                lines.append(f"| {key} | {acc[key]} |")
+    else:
+        lines += ["", "Not evaluated yet: run `datm evaluate --from <this folder>`."]
+    lines += ["", "## Settings", "", "```json", json.dumps(card.get("settings", {}), indent=2),
+              "```", "", "## Train on it", "", "```bash",
+              "datm evaluate --from <this folder>   # the pipeline's own protocol", "```", ""]
+    return "\n".join(lines)

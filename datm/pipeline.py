@@ -1,0 +1,267 @@
+"""The pipeline's steps as functions of (params, paths): what each DVC stage and CLI command runs.
+
+Each step reads its inputs from artifacts, writes its outputs atomically and returns a summary
+dict (the stage's metrics). Tracking and progress display stay outside: steps only call back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import artifacts, data, evaluate, experts
+from .config import Params, Paths
+from .distill import Distiller, DistillError
+from .networks import NetSpec
+from .zca import ZCA, fit
+
+Callback = Callable[[dict], None]
+
+
+def _quiet(_: dict) -> None:
+    pass
+
+
+def write_json(path: Path, payload: dict) -> None:
+    with artifacts.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+# --- download and zca ------------------------------------------------------------------------
+
+def download(params: Params, paths: Paths) -> dict:
+    train, test = data.load(params.data)
+    train.save(paths.train, "train")
+    test.save(paths.test, "test")
+    return {"train_images": len(train.labels), "test_images": len(test.labels),
+            "classes": train.num_classes, "shape": list(train.shape), "source": train.source}
+
+
+def fit_zca(params: Params, paths: Paths) -> dict:
+    train = data.Split.load(paths.train)
+    if not params.zca.enabled:
+        ZCA().save(paths.zca)
+        return {"enabled": False}
+    tic = time.perf_counter()
+    zca = fit(data.normalize(train.images, train.mean, train.std), params.zca.eps)
+    zca.save(paths.zca, {"eps": params.zca.eps})
+    return {"enabled": True, "eps": params.zca.eps, "seconds": time.perf_counter() - tic}
+
+
+# --- model-space data ------------------------------------------------------------------------
+
+@dataclass
+class ModelData:
+    """Train and test splits in model space (normalized, whitened) on the compute device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    zca: ZCA
+    source: str
+
+    @property
+    def identity(self) -> str:
+        return f"{self.source}:{tuple(self.x.shape)}:{self.zca.enabled}"
+
+    def spec(self, params: Params) -> NetSpec:
+        c, h, _ = self.x.shape[1:]
+        return NetSpec(c, len(self.classes), h, width=params.net.width, depth=params.net.depth,
+                       norm=params.net.norm)
+
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return data.to_pixels(x, self.mean, self.std, self.zca)
+
+
+def model_data(paths: Paths, device: torch.device) -> ModelData:
+    train, test = data.Split.load(paths.train), data.Split.load(paths.test)
+    zca = ZCA.load(paths.zca)
+    to = lambda s: data.to_model_space(s.images, train.mean, train.std, zca).to(device)  # noqa: E731
+    return ModelData(to(train), train.labels.to(device), to(test), test.labels.to(device),
+                     train.classes, train.mean, train.std, zca, train.source)
+
+
+# --- experts ---------------------------------------------------------------------------------
+
+def buffers(params: Params, paths: Paths, callback: Callback = _quiet) -> dict:
+    md = model_data(paths, params.torch_device())
+    spec = md.spec(params)
+    tic = time.perf_counter()
+    files = experts.train_experts(paths.buffers, spec, md.x, md.y, md.x_test, md.y_test,
+                                  params.buffers, params.augment, md.identity, callback)
+    metas = [artifacts.read_meta(f, experts.KIND) for f in files]
+    final = [m["test_acc"][-1] for m in metas]
+    trained_s = sum(m["seconds"] for m in metas)
+    return {"experts": len(files), "epochs": params.buffers.epochs,
+            "final_test_acc_mean": sum(final) / len(final), "final_test_acc_min": min(final),
+            "expert_seconds_total": trained_s, "wall_seconds": time.perf_counter() - tic,
+            "images_per_second": sum(m["images_seen"] for m in metas) / max(trained_s, 1e-9)}
+
+
+def buffer_status(paths: Paths) -> dict:
+    """How far the expert buffer is, for `datm status` (never raises)."""
+    files = sorted(paths.buffers.glob("expert_*.safetensors")) if paths.buffers.is_dir() else []
+    accs = []
+    for f in files:
+        try:
+            accs.append(artifacts.read_meta(f, experts.KIND)["test_acc"][-1])
+        except (artifacts.ArtifactError, KeyError, IndexError):
+            pass
+    return {"experts": len(files), "readable": len(accs),
+            "mean_test_acc": sum(accs) / len(accs) if accs else None}
+
+
+# --- distillation ----------------------------------------------------------------------------
+
+def distill(params: Params, paths: Paths, ipc: int, callback: Callback = _quiet,
+            fresh: bool = False) -> dict:
+    cfg = params.distill(ipc)
+    device = params.torch_device()
+    buffer = experts.ExpertBuffer.open(paths.buffers)
+    md = model_data(paths, device)
+    if buffer.spec.num_classes != len(md.classes):
+        raise DistillError("experts and dataset disagree on the number of classes: rerun buffers")
+    identity = cfg.digest(json.dumps([md.identity, buffer.metas[0]["hash"], len(buffer),
+                                      asdict(params.augment)]))
+    state = None if fresh else Distiller.resume(paths.checkpoint(ipc), cfg, buffer,
+                                                params.augment, identity, device)
+    resumed_at = state.iteration if state else 0
+    if state is None:
+        state = Distiller.create(cfg, buffer, md.x, md.y, params.augment)
+    callback({"event": "start", "iteration": state.iteration, "iterations": cfg.iterations,
+              "resumed": resumed_at > 0, "initial": state, "pixels": md.pixels})
+    tic = time.perf_counter()
+    state.run(callback, paths.checkpoint(ipc), identity)
+    seconds = time.perf_counter() - tic
+    losses = [row[1] for row in state.history[-20:] if row[1] == row[1]]
+    summary = {"ipc": ipc, "iterations": state.iteration, "skipped": state.skipped,
+               "nonfinite": state.nonfinite, "final_loss": sum(losses) / max(len(losses), 1),
+               "learned_lr": float(state.lr), "seconds": seconds, "resumed_at": resumed_at}
+    state.save_result(paths.distilled(ipc), {
+        "classes": md.classes, "mean": md.mean, "std": md.std, "zca": md.zca.enabled,
+        "source": md.source, "summary": summary})
+    callback({"event": "done", "state": state, "summary": summary})
+    return summary
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+def _eval_spec(params: Params, md: ModelData) -> NetSpec:
+    return evaluate.arch_spec(md.spec(params), params.evaluate.arch)
+
+
+def fullset(params: Params, paths: Paths, callback: Callback = _quiet) -> dict:
+    """Accuracy of the evaluation network trained on the whole real training set."""
+    cfg = params.evaluate
+    md = model_data(paths, params.torch_device())
+    tic = time.perf_counter()
+    result = evaluate.evaluate_set(_eval_spec(params, md), md.x, md.y, cfg.fullset_lr,
+                                   cfg.fullset_epochs, cfg.fullset_models, cfg, params.augment,
+                                   md.x_test, md.y_test, cfg.seed + 17, callback)
+    summary = {"arch": cfg.arch, "epochs": cfg.fullset_epochs, "lr": cfg.fullset_lr,
+               "acc_mean": result["mean"], "acc_std": result["std"], "accs": result["accs"],
+               "seconds": time.perf_counter() - tic}
+    write_json(paths.fullset, summary)
+    return summary
+
+
+def load_distilled(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    return artifacts.load(path, "distilled")
+
+
+def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = _quiet) -> dict:
+    """Distilled set vs a random real subset of the same size vs the full set (cached)."""
+    cfg = params.evaluate
+    params.distill(ipc)  # a clear error for an IPC that is not configured
+    md = model_data(paths, params.torch_device())
+    tensors, meta = load_distilled(paths.distilled(ipc))
+    spec = _eval_spec(params, md)
+    lr = cfg.lr or float(tensors["lr"][0])
+    tic = time.perf_counter()
+    callback({"event": "set", "name": "distilled", "models": cfg.models})
+    dist = evaluate.evaluate_set(spec, tensors["images"].to(md.x.device),
+                                 tensors["labels"].to(md.x.device), lr, cfg.epochs, cfg.models,
+                                 cfg, params.augment, md.x_test, md.y_test, cfg.seed, callback)
+    callback({"event": "set", "name": "random real", "models": cfg.models})
+    idx = evaluate.random_subset(md.y, ipc, len(md.classes), cfg.seed + ipc)
+    rand = evaluate.evaluate_set(spec, md.x[idx], md.y[idx], cfg.random_lr, cfg.epochs,
+                                 cfg.models, cfg, params.augment, md.x_test, md.y_test,
+                                 cfg.seed + 1, callback)
+    full = json.loads(paths.fullset.read_text()) if paths.fullset.is_file() else {}
+    summary = {"ipc": ipc, "arch": cfg.arch, "models": cfg.models, "epochs": cfg.epochs,
+               "lr": lr, "distilled_mean": dist["mean"], "distilled_std": dist["std"],
+               "distilled_accs": dist["accs"], "random_mean": rand["mean"],
+               "random_std": rand["std"], "random_accs": rand["accs"],
+               "fullset_mean": full.get("acc_mean"), "final_loss": meta["summary"]["final_loss"],
+               "seconds": time.perf_counter() - tic}
+    write_json(paths.evaluation(ipc), summary)
+    return summary
+
+
+# --- export ----------------------------------------------------------------------------------
+
+def distilled_ipcs(paths: Paths) -> list[int]:
+    folder = paths.distilled(0).parent
+    found = [p.stem.removeprefix("ipc_") for p in folder.glob("ipc_*.safetensors")]
+    return sorted(int(s) for s in found if s.isdigit())
+
+
+def export_ipc(paths: Paths, ipc: int, fmt: str, out: Path, force: bool = False,
+               git_commit: str = "unknown") -> Path:
+    from .export import export
+
+    if not paths.distilled(ipc).is_file():
+        done = ", ".join(map(str, distilled_ipcs(paths))) or "none yet"
+        raise DistillError(f"IPC {ipc} was not distilled (distilled IPCs: {done})")
+    tensors, meta = load_distilled(paths.distilled(ipc))
+    zca = ZCA.load(paths.zca) if meta.get("zca") else ZCA()
+    pixels = data.to_pixels(tensors["images"], meta["mean"], meta["std"], zca)
+    card = {"dataset": meta.get("source"), "ipc": ipc, "settings": meta.get("settings"),
+            "spec": meta.get("spec"), "git_commit": git_commit, "zca": meta.get("zca"),
+            "mean": meta["mean"], "std": meta["std"], "iterations": meta.get("iteration"),
+            "accuracy": _accuracy_for_card(paths, ipc)}
+    return export(pixels, tensors["labels"], float(tensors["lr"][0]), meta["classes"], out, fmt,
+                  card, force)
+
+
+def _accuracy_for_card(paths: Paths, ipc: int) -> dict:
+    if not paths.evaluation(ipc).is_file():
+        return {}
+    ev = json.loads(paths.evaluation(ipc).read_text())
+    fmt = lambda m, s: f"{100 * m:.2f} ± {100 * s:.2f} % ({ev['models']} models)"  # noqa: E731
+    acc = {"distilled": fmt(ev["distilled_mean"], ev["distilled_std"]),
+           "random_real": fmt(ev["random_mean"], ev["random_std"])}
+    if ev.get("fullset_mean") is not None:
+        acc["full_dataset"] = f"{100 * ev['fullset_mean']:.2f} %"
+    return acc
+
+
+def evaluate_export(params: Params, paths: Paths, folder: Path,
+                    callback: Callback = _quiet) -> dict:
+    """Evaluate an exported set (ours or someone's) with the pipeline's protocol."""
+    from .export import read
+
+    pixels, logits, lr, card = read(folder)
+    md = model_data(paths, params.torch_device())
+    if list(pixels.shape[1:]) != list(md.x.shape[1:]) or logits.shape[1] != len(md.classes):
+        raise DistillError(f"{folder} holds {list(pixels.shape[1:])} images of "
+                           f"{logits.shape[1]} classes; the pipeline's data is "
+                           f"{list(md.x.shape[1:])} with {len(md.classes)} classes")
+    # Back to model space exactly as the pipeline's data: normalize, then whiten.
+    x = md.zca.whiten(data.normalize(pixels * 255, md.mean, md.std)).to(md.x.device)
+    cfg = params.evaluate
+    result = evaluate.evaluate_set(_eval_spec(params, md), x, logits.to(x.device),
+                                   cfg.lr or lr, cfg.epochs, cfg.models, cfg, params.augment,
+                                   md.x_test, md.y_test, cfg.seed, callback)
+    return {"folder": str(folder), "ipc": card.get("ipc"), "models": cfg.models,
+            "epochs": cfg.epochs, "lr": cfg.lr or lr, "acc_mean": result["mean"],
+            "acc_std": result["std"], "accs": result["accs"]}

@@ -1,0 +1,133 @@
+"""A small layer over MLflow: one run per stage execution, batched metric writes.
+
+MLflow is optional: without it (a bare GPU machine) or with DATM_TRACKING=off every call is a
+no-op and the pipeline runs the same. The default store is a SQLite file at the project root;
+MLFLOW_TRACKING_URI overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_EXPERIMENT = "datm"
+
+
+def default_uri(root: str | Path = ".") -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def git_commit(root: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """Context manager around one MLflow run; inert when tracking is unavailable or off."""
+
+    def __init__(self, stage: str, root: str | Path = ".", experiment: str | None = None,
+                 run_name: str | None = None, flush_every: float = 5.0) -> None:
+        self.stage, self.root = stage, Path(root)
+        self.experiment = experiment or os.environ.get("DATM_EXPERIMENT", DEFAULT_EXPERIMENT)
+        self.run_name = run_name or stage
+        self.client: Any = None
+        self.run_id: str | None = None
+        self._pending: list[Any] = []
+        self._last_flush = time.monotonic()
+        self._flush_every = flush_every
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
+
+    def __enter__(self) -> Tracker:
+        if os.environ.get("DATM_TRACKING", "on").lower() in ("off", "0", "false", "no"):
+            return self
+        try:
+            import logging
+
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            return self
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self.client = MlflowClient(tracking_uri=default_uri(self.root))
+        exp = self.client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        tags = {"stage": self.stage, "git_commit": git_commit(self.root),
+                "mlflow.runName": self.run_name, "mlflow.source.name": "datm"}
+        self.run_id = self.client.create_run(exp_id, tags=tags).info.run_id
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.active:
+            return
+        self.flush()
+        status = "FINISHED" if exc_type is None else (
+            "KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+        self.client.set_terminated(self.run_id, status=status)
+
+    def params(self, values: dict[str, Any], prefix: str = "") -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        flat = _flatten(values, prefix)
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def tags(self, values: dict[str, str]) -> None:
+        if self.active:
+            for k, v in values.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        """Queue metrics; they are written in batches (per-call writes to SQLite are slow)."""
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in values.items()]
+        if len(self._pending) >= 900 or time.monotonic() - self._last_flush > self._flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.active and self._pending:
+            for start in range(0, len(self._pending), 1000):
+                self.client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
+            self._pending = []
+        self._last_flush = time.monotonic()
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        if self.active:
+            self.client.log_artifact(self.run_id, str(path), folder)
+
+    def figure(self, fig: Any, name: str) -> None:
+        """Log a matplotlib figure as a PNG artifact."""
+        if not self.active:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+            self.artifact(path, "figures")
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

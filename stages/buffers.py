@@ -1,0 +1,55 @@
+"""Stage buffers: train the expert trajectories -> artifacts/buffers/expert_*.safetensors.
+
+Finished experts are kept: a killed run resumes at the next unfinished expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from datm import pipeline
+from datm.tracking import Tracker
+from stages import common
+
+
+def run(params: str = "params.yaml", root: str = ".") -> dict:
+    p, pa = common.load(params), common.paths(root)
+    cfg = p.buffers
+    with Tracker("buffers", root) as tracker, common.progress_bar() as bar:
+        tracker.params({"buffers": asdict(cfg), "net": asdict(p.net),
+                        "augment": asdict(p.augment), "zca": asdict(p.zca), "data": p.data.name})
+        task = bar.add_task("experts", total=None, info="")
+        group: list[int] = []
+
+        def on_event(e: dict) -> None:
+            nonlocal group
+            if e["event"] == "start":
+                bar.update(task, total=e["total"], completed=e["done"])
+            elif e["event"] == "group":
+                group = e["experts"]
+                bar.update(task, info=f"training {group[0]}..{group[-1]}")
+            elif e["event"] == "step":
+                bar.update(task, info=f"expert {group[0]} epoch {e['epoch'] + 1}/{cfg.epochs} "
+                                      f"step {e['step']}/{e['steps']}")
+            elif e["event"] == "epoch":
+                for j, k in enumerate(group):
+                    tracker.metrics({f"expert_{k:03d}.train_acc": e["train_acc"][j],
+                                     f"expert_{k:03d}.test_acc": e["test_acc"][j]}, e["epoch"])
+            elif e["event"] == "expert":
+                bar.advance(task)
+                bar.console.print(f"expert {e['index']}: test acc "
+                                  f"{e['meta']['test_acc'][-1]:.4f} in {e['meta']['seconds']:.0f}s")
+
+        summary = pipeline.buffers(p, pa, on_event)
+        tracker.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, 0)
+    pipeline.write_json(pa.metrics / "buffers.json", summary)
+    common.console.print(f"[green]buffers:[/] {summary['experts']} experts, final test acc "
+                         f"{summary['final_test_acc_mean']:.4f} (min "
+                         f"{summary['final_test_acc_min']:.4f}), "
+                         f"{summary['images_per_second']:.0f} images/s")
+    return summary
+
+
+if __name__ == "__main__":
+    args = common.parse(__doc__)
+    common.main(lambda: run(args.params, args.root))

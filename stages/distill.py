@@ -1,0 +1,70 @@
+"""Stage distill@<ipc>: DATM for one IPC -> artifacts/distilled/ipc_<ipc>.safetensors.
+
+Checkpoints go to checkpoints/; running the same command again after a kill resumes there.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from datm import pipeline
+from datm.tracking import Tracker
+from datm.visual import class_grid, save_png
+from stages import common
+
+
+def _log_grid(tracker: Tracker, holder: dict, iteration: int) -> None:
+    if not tracker.active:
+        return
+    state = holder["state"]
+    grid = class_grid(holder["pixels"](state.images), state.labels.shape[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker.artifact(save_png(grid, Path(tmp) / f"grid_{iteration:06d}.png"), "grids")
+
+
+def run(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = False) -> dict:
+    p, pa = common.load(params), common.paths(root)
+    cfg = p.distill(ipc)
+    with Tracker("distill", root, run_name=f"distill@{ipc}") as tracker, \
+            common.progress_bar() as bar:
+        tracker.params({"distill": asdict(cfg), "augment": asdict(p.augment)})
+        tracker.tags({"ipc": str(ipc)})
+        task = bar.add_task(f"distill ipc {ipc}", total=cfg.iterations, info="")
+        holder: dict = {}
+
+        def on_event(e: dict) -> None:
+            if e["event"] == "start":
+                holder.update(state=e["initial"], pixels=e["pixels"])
+                bar.update(task, completed=e["iteration"])
+                if e["resumed"]:
+                    bar.console.print(f"resuming ipc {ipc} at iteration {e['iteration']}")
+                else:
+                    _log_grid(tracker, holder, 0)
+            elif e["event"] == "done":
+                _log_grid(tracker, holder, e["summary"]["iterations"])
+            else:
+                it = e["iteration"]
+                bar.update(task, completed=it,
+                           info=f"loss {e['loss']:.4f} U {e['upper_bound']} lr {e['lr']:.5f} "
+                                f"skipped {e['skipped']}")
+                tracker.metrics({"loss": e["loss"], "start_epoch": e["start_epoch"],
+                                 "upper_bound": e["upper_bound"], "lr": e["lr"],
+                                 "skipped": e["skipped"]}, it)
+                if it % cfg.grid_every == 0:
+                    _log_grid(tracker, holder, it)
+
+        summary = pipeline.distill(p, pa, ipc, on_event, fresh=fresh)
+        tracker.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                        summary["iterations"])
+    common.console.print(f"[green]distill ipc {ipc}:[/] {summary['iterations']} iterations in "
+                         f"{summary['seconds']:.0f}s, final loss {summary['final_loss']:.4f}, "
+                         f"lr {summary['learned_lr']:.5f}, skipped {summary['skipped']}")
+    return summary
+
+
+if __name__ == "__main__":
+    args = common.parse(__doc__, lambda a: (a.add_argument("--ipc", type=int, required=True),
+                                            a.add_argument("--fresh", action="store_true")))
+    common.main(lambda: run(args.ipc, args.params, args.root, args.fresh))

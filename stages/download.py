@@ -1,0 +1,28 @@
+"""Stage download: the configured dataset -> data/{train,test}.safetensors."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from datm import pipeline
+from datm.tracking import Tracker
+from stages import common
+
+
+def run(params: str = "params.yaml", root: str = ".") -> dict:
+    p, pa = common.load(params), common.paths(root)
+    with Tracker("download", root) as tracker:
+        tracker.params(asdict(p.data), "data.")
+        with common.console.status(f"reading {p.data.name}"):
+            summary = pipeline.download(p, pa)
+        tracker.metrics({"train_images": summary["train_images"],
+                         "test_images": summary["test_images"]}, 0)
+    common.console.print(f"[green]download:[/] {summary['train_images']} train / "
+                         f"{summary['test_images']} test images, {summary['classes']} classes, "
+                         f"shape {summary['shape']} -> {pa.train.parent}")
+    return summary
+
+
+if __name__ == "__main__":
+    args = common.parse(__doc__)
+    common.main(lambda: run(args.params, args.root))

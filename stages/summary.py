@@ -1,0 +1,119 @@
+"""Stage summary: accuracy vs IPC for distilled / random real / full set, figures, a report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from datm import artifacts, data, pipeline
+from datm.config import Params, Paths
+from datm.tracking import Tracker
+from datm.visual import class_grid, save_png
+from datm.zca import ZCA
+from stages import common
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with artifacts.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _accuracy_figure(rows: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ipcs = [r["ipc"] for r in rows]
+    for key, label in (("distilled", "distilled (DATM)"), ("random", "random real subset")):
+        ax.errorbar(ipcs, [100 * r[f"{key}_mean"] for r in rows],
+                    yerr=[100 * r[f"{key}_std"] for r in rows], marker="o", capsize=4,
+                    label=label)
+    full = rows[0].get("fullset_mean")
+    if full:
+        ax.axhline(100 * full, color="gray", linestyle="--", label="full dataset")
+    ax.set_xscale("log")
+    ax.set_xticks(ipcs, [str(i) for i in ipcs])
+    ax.set_xlabel("images per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    with artifacts.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
+    return fig
+
+
+def _grids(p: Params, pa: Paths) -> list[Path]:
+    zca = ZCA.load(pa.zca)
+    out = []
+    for ipc in p.ipcs:
+        tensors, meta = pipeline.load_distilled(pa.distilled(ipc))
+        pixels = data.to_pixels(tensors["images"], meta["mean"], meta["std"], zca)
+        out.append(save_png(class_grid(pixels, len(meta["classes"])),
+                            pa.reports / f"grid_ipc_{ipc}.png"))
+        history = tensors["history"].tolist()
+        _write_csv(pa.metrics / "plots" / "loss" / f"ipc_{ipc}.csv",
+                   [{"iteration": int(r[0]) + 1, "loss": r[1]} for r in history] or
+                   [{"iteration": 0, "loss": float("nan")}])
+    return out
+
+
+def _markdown(rows: list[dict], grids: list[Path], p: Params) -> str:
+    full = rows[0].get("fullset_mean")
+    lines = ["# datm summary", "",
+             f"Dataset `{p.data.name}`, network {p.evaluate.arch} (width {p.net.width}, depth "
+             f"{p.net.depth}), {p.evaluate.models} fresh models x {p.evaluate.epochs} epochs per "
+             "set; mean ± std test accuracy (%).", "",
+             "![accuracy vs IPC](accuracy_vs_ipc.png)", "",
+             "| IPC | distilled | random real | full dataset | final matching loss |",
+             "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['ipc']} | {100 * r['distilled_mean']:.2f} ± "
+                     f"{100 * r['distilled_std']:.2f} | {100 * r['random_mean']:.2f} ± "
+                     f"{100 * r['random_std']:.2f} | "
+                     f"{'' if full is None else f'{100 * full:.2f}'} | {r['final_loss']:.4f} |")
+    lines += ["", "## Distilled images (one row per class, de-whitened)", ""]
+    for grid in grids:
+        lines += [f"### {grid.stem.replace('grid_ipc_', 'IPC ')}", "", f"![{grid.stem}]({grid.name})", ""]
+    return "\n".join(lines)
+
+
+def run(params: str = "params.yaml", root: str = ".") -> dict:
+    p, pa = common.load(params), common.paths(root)
+    rows = []
+    for ipc in p.ipcs:
+        path = pa.evaluation(ipc)
+        if not path.is_file():
+            raise artifacts.ArtifactError(f"missing {path}: run evaluate@{ipc} first")
+        rows.append(json.loads(path.read_text()))
+    with Tracker("summary", root) as tracker:
+        fig = _accuracy_figure(rows, pa.reports / "accuracy_vs_ipc.png")
+        tracker.figure(fig, "accuracy_vs_ipc.png")
+        grids = _grids(p, pa)
+        for grid in grids:
+            tracker.artifact(grid, "grids")
+        for r in rows:
+            tracker.metrics({"distilled_acc": r["distilled_mean"], "random_acc": r["random_mean"]},
+                            r["ipc"])
+        _write_csv(pa.metrics / "plots" / "accuracy.csv",
+                   [{"ipc": r["ipc"], "distilled": r["distilled_mean"], "random_real": r["random_mean"],
+                     "full_dataset": r.get("fullset_mean")} for r in rows])
+        report = pa.reports / "summary.md"
+        with artifacts.atomic_path(report) as tmp:
+            tmp.write_text(_markdown(rows, grids, p))
+        tracker.artifact(report)
+    summary = {f"ipc_{r['ipc']}": {k: r[k] for k in ("distilled_mean", "distilled_std",
+                                                     "random_mean", "random_std", "fullset_mean")}
+               for r in rows}
+    pipeline.write_json(pa.metrics / "summary.json", summary)
+    common.console.print(f"[green]summary:[/] {report}")
+    return summary
+
+
+if __name__ == "__main__":
+    args = common.parse(__doc__)
+    common.main(lambda: run(args.params, args.root))

@@ -1,0 +1,25 @@
+"""Stage zca: fit ZCA whitening on the training images -> artifacts/zca.safetensors."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from datm import pipeline
+from datm.tracking import Tracker
+from stages import common
+
+
+def run(params: str = "params.yaml", root: str = ".") -> dict:
+    p, pa = common.load(params), common.paths(root)
+    with Tracker("zca", root) as tracker:
+        tracker.params(asdict(p.zca), "zca.")
+        with common.console.status("fitting ZCA"):
+            summary = pipeline.fit_zca(p, pa)
+    state = f"eps {p.zca.eps}" if summary["enabled"] else "disabled (identity)"
+    common.console.print(f"[green]zca:[/] {state} -> {pa.zca}")
+    return summary
+
+
+if __name__ == "__main__":
+    args = common.parse(__doc__)
+    common.main(lambda: run(args.params, args.root))

@@ -118,42 +118,28 @@ def export(ipc: Annotated[int, typer.Option(help="which distilled IPC")],
 
 
 @app.command()
-def repro(preset: Annotated[str | None, typer.Option(
-              help="run a preset from presets/ (its params replace params.yaml's)")] = None,
-          targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g. buffers")] = None,
-          force: Annotated[bool, typer.Option(help="re-run even if up to date")] = False) -> None:
-    """Run the pipeline with `dvc repro` (a preset runs as a DVC experiment)."""
-    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g. buffers")] = None,
+          preset: Annotated[str | None, typer.Option(
+              help="first make presets/NAME.yaml the params.yaml (git keeps the old one)")] = None,
+          force: Annotated[bool, typer.Option(help="re-run even if up to date")] = False,
+          root: RootOpt = Path(".")) -> None:
+    """Run the pipeline with `dvc repro` (optionally on a paper preset)."""
     if preset:
         source = PRESETS / f"{preset}.yaml"
         if not source.is_file():
             names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml"))) or "none"
             common.console.print(f"[bold red]error:[/] no preset '{preset}' (presets: {names})")
             raise typer.Exit(2)
-        cmd = _preset_command(dvc, source, preset)
-    else:
-        cmd = [dvc, "repro", *(targets or [])] + (["--force"] if force else [])
+        _run(lambda: common.load(str(source)))  # validate before touching params.yaml
+        shutil.copyfile(source, root / "params.yaml")
+        common.console.print(f"params.yaml is now preset '{preset}' "
+                             "(`git checkout params.yaml` restores the default profile)")
+    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    cmd = [dvc, "repro", *(targets or [])] + (["--force"] if force else [])
     common.console.print(f"[dim]$ {' '.join(cmd)}[/]")
     # dvc.yaml runs `python -m stages...`: make that the python datm runs in (the venv's).
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    raise typer.Exit(subprocess.call(cmd, env=env))
-
-
-def _preset_command(dvc: str, source: Path, name: str) -> list[str]:
-    """`dvc exp run -S key=value ...` for every leaf of the preset, so params.yaml stays put."""
-    import yaml
-
-    def leaves(node, prefix=""):
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                yield from leaves(v, f"{prefix}{k}.")
-        else:
-            yield prefix[:-1], node
-
-    preset = yaml.safe_load(source.read_text()) or {}
-    sets = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for k, v in leaves(preset)]
-    return [dvc, "exp", "run", "--name", name] + [a for s in sets for a in ("-S", s)]
+    raise typer.Exit(subprocess.call(cmd, cwd=root, env=env))
 
 
 @app.command()

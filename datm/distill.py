@@ -180,7 +180,8 @@ class Distiller:
         self.history.append([self.iteration, result.loss, start_epoch, bound, float(self.lr),
                              self.skipped])
         self.iteration += 1
-        return {"iteration": self.iteration, "iterations": cfg.iterations, "loss": result.loss,
+        return {"event": "iteration", "iteration": self.iteration,
+                "iterations": cfg.iterations, "loss": result.loss,
                 "start_epoch": start_epoch, "upper_bound": bound, "lr": float(self.lr),
                 "skipped": self.skipped, "nonfinite": self.nonfinite, "updated": result.has_grad,
                 "expert": expert}

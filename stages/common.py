@@ -7,14 +7,21 @@ A stage is `python -m stages.<name>` (DVC runs that) or `datm <name>` (the CLI c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from datm.artifacts import ArtifactError
 from datm.config import ConfigError, Params, Paths, load_params
@@ -43,10 +50,15 @@ def paths(root: str | Path) -> Paths:
 
 
 def guarded(fn: Callable[[], object]) -> int:
-    """Run a stage: user errors print one line and exit 2; Ctrl-C exits 130 (resume later)."""
+    """Run a stage: user errors print one line and exit 2; Ctrl-C exits 130 (resume later).
+
+    DATM_DEBUG=1 shows the traceback instead.
+    """
     try:
         fn()
     except USER_ERRORS as exc:
+        if os.environ.get("DATM_DEBUG"):
+            raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,208 @@
+"""Shared helpers: tiny stand-in datasets, tiny params, throw-away project copies, subprocesses.
+
+Everything here is sized for a busy 2-core CPU: a few hundred 28x28 or 32x32 images at most.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+DATM = str(VENV_BIN / "datm")
+DVC = str(VENV_BIN / "dvc")
+DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens there: any download fails at once
+
+
+# --- tiny in-memory data -------------------------------------------------------------------
+
+def blobs(n: int, num_classes: int, channels: int = 1, size: int = 8, seed: int = 0,
+          noise: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable float images: a fixed random pattern per class plus noise; labels balanced."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(num_classes, channels, size, size, generator=g)
+    y = torch.arange(n) % num_classes
+    y = y[torch.randperm(n, generator=g)]
+    x = protos[y] + noise * torch.randn(n, channels, size, size, generator=g)
+    return x, y
+
+
+def learnable_uint8(n: int, num_classes: int, channels: int, size: int,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [n, channels, size, size] with class-dependent patterns, and labels."""
+    rng = np.random.default_rng(seed)
+    protos = rng.uniform(0, 255, size=(num_classes, channels, size, size))
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    images = 0.7 * protos[labels] + 0.3 * rng.uniform(0, 255, size=(n, channels, size, size))
+    return images.round().clip(0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+# --- stand-in datasets on disk -------------------------------------------------------------
+
+def _write_idx_gz(path: Path, array: np.ndarray, magic: int) -> None:
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_fashion_mnist(root: Path, n_train: int = 200, n_test: int = 50,
+                       num_classes: int = 10) -> Path:
+    """Fashion-MNIST-shaped idx .gz files in <root>/FashionMNIST/raw/ (28x28, 10 classes)."""
+    raw = Path(root) / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
+        images, labels = learnable_uint8(n, num_classes, 1, 28, seed)
+        _write_idx_gz(raw / f"{prefix}-images-idx3-ubyte.gz", images[:, 0], 0x00000803)
+        _write_idx_gz(raw / f"{prefix}-labels-idx1-ubyte.gz", labels, 0x00000801)
+    return raw
+
+
+CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog",
+                 b"horse", b"ship", b"truck"]
+
+
+def make_cifar10(root: Path, per_batch: int = 30, n_test: int = 40) -> Path:
+    """CIFAR-10-shaped python pickles in <root>/cifar-10-batches-py/ (3x32x32, 10 classes)."""
+    base = Path(root) / "cifar-10-batches-py"
+    base.mkdir(parents=True, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        n = n_test if name == "test_batch" else per_batch
+        images, labels = learnable_uint8(n, 10, 3, 32, seed=10 + i)
+        batch = {b"batch_label": name.encode(), b"data": images.reshape(n, 3072),
+                 b"labels": [int(v) for v in labels],
+                 b"filenames": [f"{name}_{j}.png".encode() for j in range(n)]}
+        with open(base / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": CIFAR10_NAMES, b"num_cases_per_batch": per_batch,
+                     b"num_vis": 3072}, f)
+    return base
+
+
+# --- params and projects -------------------------------------------------------------------
+
+def tiny_params(name: str = "fashion_mnist", root: str = "standin", zca: bool = True) -> dict:
+    """A params.yaml mapping for a pipeline that finishes in seconds."""
+    return {
+        "seed": 0,
+        "device": "cpu",
+        "data": {"name": name, "root": root},
+        "zca": {"enabled": zca, "eps": 0.1},
+        "net": {"width": 4, "depth": 2, "norm": "instance"},
+        "augment": {"strategy": "color_crop_cutout_scale_rotate"},
+        "buffers": {"num_experts": 2, "epochs": 3, "lr": 0.05, "momentum": 0.0,
+                    "weight_decay": 0.0, "batch": 32, "rho": 0.0, "group": 1},
+        "distill": {
+            "ipcs": [1, 2],
+            "defaults": {"iterations": 3, "threshold": 10.0, "mode": "recompute",
+                         "init": "real_correct", "labels": "expert", "learn_labels": True,
+                         "lr_lr": 1e-5, "checkpoint_every": 2, "grid_every": 2},
+            "ipc": {
+                1: {"syn_steps": 2, "expert_epochs": 1, "min_start_epoch": 0,
+                    "max_start_epoch": 2, "batch_syn": 5, "lr_img": 10, "lr_y": 2},
+                2: {"syn_steps": 2, "expert_epochs": 1, "min_start_epoch": 0, "sg_start": 1,
+                    "max_start_epoch": 2, "sg_end": 2, "batch_syn": 10, "lr_img": 10,
+                    "lr_y": 2},
+            },
+        },
+        "evaluate": {"models": 1, "epochs": 2, "batch": 32, "arch": "convnet",
+                     "random_lr": 0.01, "fullset_epochs": 1, "fullset_lr": 0.05},
+    }
+
+
+def write_params(project: Path, params: dict) -> Path:
+    path = Path(project) / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def project_files() -> list[str]:
+    """The repository's files as a checkout would have them (tracked and new, not ignored)."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    skip = ("tests/", ".dvc/", ".ci/")
+    return [f for f in out.splitlines()
+            if f and not f.startswith(skip) and (REPO / f).is_file()]
+
+
+def copy_project(dest: Path) -> Path:
+    """A fresh git + DVC project holding a copy of the working tree (without tests/)."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in project_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    git = ["git", "-c", "user.name=datm tests", "-c", "user.email=tests@example.invalid"]
+    subprocess.run(git + ["init", "-q"], cwd=dest, check=True)
+    subprocess.run([DVC, "init", "-q"], cwd=dest, check=True, env=base_env())
+    return dest
+
+
+def git_commit_all(project: Path, message: str = "tiny project") -> str:
+    git = ["git", "-c", "user.name=datm tests", "-c", "user.email=tests@example.invalid",
+           "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", message], cwd=project, check=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def base_env(**extra: str) -> dict:
+    """Environment for subprocesses: the venv first on PATH, no tracking, no network, 1 thread."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("COLUMNS", "LINES", "MLFLOW_TRACKING_URI", "PYTHONPATH")}
+    env.update({
+        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        "DATM_TRACKING": "off",
+        "DVC_NO_ANALYTICS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HTTP_PROXY": DEAD_PROXY, "HTTPS_PROXY": DEAD_PROXY,
+        "http_proxy": DEAD_PROXY, "https_proxy": DEAD_PROXY,
+        "NO_PROXY": "", "no_proxy": "",
+        "GIT_CONFIG_NOSYSTEM": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], cwd: Path, env: dict | None = None,
+        timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env or base_env(),
+                          timeout=timeout)
+
+
+def datm(*args: str, cwd: Path, env: dict | None = None,
+         timeout: float = 300) -> subprocess.CompletedProcess:
+    return run([DATM, *args], cwd=cwd, env=env, timeout=timeout)
+
+
+def ran_stages(output: str) -> set[str]:
+    """Stage names from `dvc repro`'s "Running stage 'name':" lines."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """The non-empty lines a failed command printed (stdout and stderr together)."""
+    text = result.stdout + result.stderr
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def describe(result: subprocess.CompletedProcess) -> str:
+    return (f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n"
+            f"--- stderr ---\n{result.stderr[-4000:]}")

@@ -177,8 +177,11 @@ def status(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -
             if pa.distilled(ipc).is_file():
                 state = "done"
             elif pa.checkpoint(ipc).is_file():
-                it = artifacts.read_meta(pa.checkpoint(ipc)).get("iteration", 0)
-                state = f"checkpoint {it}/{cfg.iterations}"
+                try:
+                    it = artifacts.read_meta(pa.checkpoint(ipc)).get("iteration", 0)
+                    state = f"checkpoint {it}/{cfg.iterations}"
+                except artifacts.ArtifactError:
+                    state = "damaged checkpoint (distill starts over)"
             else:
                 state = "missing"
             table.add_row(f"distilled ipc {ipc}", state, str(pa.distilled(ipc)))

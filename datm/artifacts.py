@@ -6,6 +6,7 @@ JSON `meta` object, so a reader can check what it got before touching the tensor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -71,6 +72,15 @@ def _open(path: Path, kind: str | None):
     return handle, meta
 
 
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes: the identity of an input that other artifacts were made from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_meta(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
     """Metadata only; the tensors are not read."""
     _, meta = _open(Path(path), kind)
@@ -84,7 +94,8 @@ def load(path: str | os.PathLike, kind: str | None = None,
     handle, meta = _open(path, kind)
     try:
         names = keys if keys is not None else list(handle.keys())
-        tensors = {k: handle.get_tensor(k) for k in names}
+        # clone: get_tensor may map the file, and a later rewrite of it must not change our copy
+        tensors = {k: handle.get_tensor(k).clone() for k in names}
     except Exception as exc:
         raise ArtifactError(f"corrupt artifact {path}: {exc}") from None
     return tensors, meta

@@ -86,8 +86,9 @@ def apply(x: torch.Tensor, draw: AugDraw | None, cfg: AugConfig) -> torch.Tensor
     if draw.family == "cutout":
         side = int(size * cfg.cutout + 0.5)
         grid = torch.arange(size, device=x.device, dtype=x.dtype)
-        rows = (grid[None, :] - v[:, 0, None]).abs() < side / 2
-        cols = (grid[None, :] - v[:, 1, None]).abs() < side / 2
+        low = v - side // 2  # a side x side square around the drawn centre, clipped at the border
+        rows = (grid[None, :] >= low[:, 0, None]) & (grid[None, :] < low[:, 0, None] + side)
+        cols = (grid[None, :] >= low[:, 1, None]) & (grid[None, :] < low[:, 1, None] + side)
         keep = ~(rows[:, :, None] & cols[:, None, :])
         return x * keep[:, None].to(x.dtype)
     if draw.family == "flip":

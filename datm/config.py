@@ -108,7 +108,7 @@ class Params:
     @classmethod
     def from_dict(cls, raw: dict) -> Params:
         known = {"seed", "data", "zca", "net", "augment", "buffers", "distill", "evaluate",
-                 "device", "tracking"}
+                 "device"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"unknown top-level key '{unknown[0]}'; known: {', '.join(sorted(known))}")
@@ -146,8 +146,11 @@ class Params:
             raise ConfigError(f"IPC {ipc} is not in params (distill.ipcs lists: {listed})")
         section = self.raw.get("distill") or {}
         table = section.get("ipc") or {}
+        own = table.get(ipc) or table.get(str(ipc)) or {}
+        if isinstance(own, dict) and "ipc" in own:
+            raise ConfigError(f"distill.ipc.{ipc}.ipc: the IPC is the table's key, drop this key")
         merged = {"seed": int(self.raw.get("seed", 0)), **(section.get("defaults") or {}),
-                  **(table.get(ipc) or table.get(str(ipc)) or {}), "ipc": ipc}
+                  **own, "ipc": ipc}
         return _build(DistillConfig, merged, f"distill.ipc.{ipc}")
 
     def torch_device(self) -> torch.device:

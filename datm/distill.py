@@ -53,7 +53,7 @@ class DistillConfig:
     iterations: int = 100
     threshold: float = 1.0
     init: str = "real_correct"
-    labels: str = "expert"            # expert logits (DATM) or hard one-hot
+    labels: str = "expert"            # expert logits (DATM) or hard one-hot (always, for noise)
     learn_labels: bool = True
     mode: str = "recompute"
     seed: int = 0
@@ -261,9 +261,14 @@ def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: tor
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial synthetic images [C*ipc, ...] (class-major) and label logits [C*ipc, C]."""
     num_classes = buffer.spec.num_classes
+    if cfg.init == "noise":
+        # Noise has no class content for experts to judge: its labels are the hard classes.
+        images = torch.randn(num_classes * cfg.ipc, *x.shape[1:], generator=generator)
+        class_ids = torch.arange(num_classes).repeat_interleave(cfg.ipc)
+        return images.to(x.device), _hard_logits(class_ids, num_classes).to(x.device)
     per_class = [torch.nonzero(y == c).flatten() for c in range(num_classes)]
     short = [(c, len(i)) for c, i in enumerate(per_class) if len(i) < cfg.ipc]
-    if short and cfg.init != "noise":
+    if short:
         c, n = short[0]
         raise DistillError(f"IPC {cfg.ipc} needs {cfg.ipc} real images per class, but class {c} "
                            f"has {n}: lower the IPC or use init: noise")
@@ -282,8 +287,6 @@ def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: tor
         chosen.append(order[: cfg.ipc])
     index = torch.cat(chosen)
     images = x[index].clone()
-    if cfg.init == "noise":
-        images = torch.randn(images.shape, generator=generator).to(x.device)
     if cfg.labels == "hard":
         return images, _hard_logits(y[index], num_classes).to(x.device)
     return images, expert_logits(fm, thetas, x[index], y[index])

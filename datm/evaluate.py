@@ -27,7 +27,8 @@ class EvalConfig:
     batch: int = 256
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    lr: float = 0.0               # 0: the distilled set's learned lr
+    lr: float = 0.0               # 0: the distilled set's learned lr (times lr_scale)
+    lr_scale: float = 1.0         # multiplies the learned lr; 1 is the paper's protocol
     random_lr: float = 0.01       # lr of the random-real-subset baseline
     arch: str = "convnet"
     augment: bool = True
@@ -41,6 +42,11 @@ class EvalConfig:
             raise ValueError(f"arch must be one of {ARCHS}, got '{self.arch}'")
         if self.models < 1 or self.epochs < 1 or self.batch < 1:
             raise ValueError("models, epochs and batch must be >= 1")
+
+
+def distilled_lr(cfg: EvalConfig, learned: float) -> float:
+    """The evaluation lr of a distilled set: evaluate.lr if set, else the learned lr x lr_scale."""
+    return cfg.lr or learned * cfg.lr_scale
 
 
 def arch_spec(base: NetSpec, arch: str) -> NetSpec:

@@ -40,8 +40,12 @@ def export(pixels: torch.Tensor, logits: torch.Tensor, lr: float, classes: list[
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ExportError(f"{out} exists and is not empty: pass --force to overwrite it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise ExportError(f"{out} exists and is not empty: pass --force to overwrite it")
+        if not (out / CARD).is_file():
+            # --force replaces an earlier export, never an arbitrary folder (think --out .)
+            raise ExportError(f"{out} is not a datm export (no {CARD}): refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

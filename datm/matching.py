@@ -55,18 +55,16 @@ class MatchResult:
 
 def make_plan(n_syn: int, batch: int, n_steps: int, size: int, aug: AugConfig,
               generator: torch.Generator) -> Plan:
-    """Batches walk through random permutations of the synthetic set; each step draws its aug."""
+    """Batches are consecutive chunks of random permutations of the synthetic set (the last
+    chunk of a permutation may be smaller), so no batch repeats an image; each step draws its aug.
+    """
     from .augment import sample
 
-    batch = min(batch, n_syn)
     batches: list[torch.Tensor] = []
-    order = torch.empty(0, dtype=torch.long)
-    for _ in range(n_steps):
-        if order.numel() < batch:
-            order = torch.cat([order, torch.randperm(n_syn, generator=generator)])
-        batches.append(order[:batch])
-        order = order[batch:]
-    draws = [sample(aug, batch, size, generator) for _ in range(n_steps)]
+    while len(batches) < n_steps:
+        batches += list(torch.randperm(n_syn, generator=generator).split(batch))
+    batches = batches[:n_steps]
+    draws = [sample(aug, len(b), size, generator) for b in batches]
     return Plan(batches, draws)
 
 

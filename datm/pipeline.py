@@ -68,10 +68,7 @@ class ModelData:
     std: list[float]
     zca: ZCA
     source: str
-
-    @property
-    def identity(self) -> str:
-        return f"{self.source}:{tuple(self.x.shape)}:{self.zca.enabled}"
+    identity: str  # content hash of the train split and the ZCA: what experts were made from
 
     def spec(self, params: Params) -> NetSpec:
         c, h, _ = self.x.shape[1:]
@@ -86,8 +83,9 @@ def model_data(paths: Paths, device: torch.device) -> ModelData:
     train, test = data.Split.load(paths.train), data.Split.load(paths.test)
     zca = ZCA.load(paths.zca)
     to = lambda s: data.to_model_space(s.images, train.mean, train.std, zca).to(device)  # noqa: E731
+    identity = ":".join(artifacts.file_digest(p)[:16] for p in (paths.train, paths.zca))
     return ModelData(to(train), train.labels.to(device), to(test), test.labels.to(device),
-                     train.classes, train.mean, train.std, zca, train.source)
+                     train.classes, train.mean, train.std, zca, train.source, identity)
 
 
 # --- experts ---------------------------------------------------------------------------------
@@ -185,7 +183,7 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = _q
     md = model_data(paths, params.torch_device())
     tensors, meta = load_distilled(paths.distilled(ipc))
     spec = _eval_spec(params, md)
-    lr = cfg.lr or float(tensors["lr"][0])
+    lr = evaluate.distilled_lr(cfg, float(tensors["lr"][0]))
     tic = time.perf_counter()
     callback({"event": "set", "name": "distilled", "models": cfg.models})
     dist = evaluate.evaluate_set(spec, tensors["images"].to(md.x.device),
@@ -260,8 +258,8 @@ def evaluate_export(params: Params, paths: Paths, folder: Path,
     x = md.zca.whiten(data.normalize(pixels * 255, md.mean, md.std)).to(md.x.device)
     cfg = params.evaluate
     result = evaluate.evaluate_set(_eval_spec(params, md), x, logits.to(x.device),
-                                   cfg.lr or lr, cfg.epochs, cfg.models, cfg, params.augment,
-                                   md.x_test, md.y_test, cfg.seed, callback)
+                                   evaluate.distilled_lr(cfg, lr), cfg.epochs, cfg.models, cfg,
+                                   params.augment, md.x_test, md.y_test, cfg.seed, callback)
     return {"folder": str(folder), "ipc": card.get("ipc"), "models": cfg.models,
-            "epochs": cfg.epochs, "lr": cfg.lr or lr, "acc_mean": result["mean"],
+            "epochs": cfg.epochs, "lr": evaluate.distilled_lr(cfg, lr), "acc_mean": result["mean"],
             "acc_std": result["std"], "accs": result["accs"]}

@@ -22,13 +22,21 @@ def default_uri(root: str | Path = ".") -> str:
         f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
-def git_commit(root: str | Path = ".") -> str:
+def _git(root: str | Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit(root: str | Path = ".") -> str:
+    return _git(root, "rev-parse", "HEAD") or "unknown"
+
+
+def git_dirty(root: str | Path = ".") -> bool:
+    """Whether tracked files differ from the commit (the run is then not exactly that commit)."""
+    return bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
 
 
 class Tracker:
@@ -63,6 +71,7 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
         tags = {"stage": self.stage, "git_commit": git_commit(self.root),
+                "git_dirty": str(git_dirty(self.root)).lower(),
                 "mlflow.runName": self.run_name, "mlflow.source.name": "datm"}
         self.run_id = self.client.create_run(exp_id, tags=tags).info.run_id
         return self

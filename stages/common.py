@@ -29,7 +29,9 @@ from datm.data import DataError
 from datm.distill import DistillError
 
 USER_ERRORS = (ArtifactError, ConfigError, DataError, DistillError, ValueError)
-console = Console(stderr=True)
+# soft_wrap: rich would otherwise wrap at 80 columns when stderr is a pipe (DVC, CI), turning
+# the one-line error into several.
+console = Console(stderr=True, soft_wrap=True)
 
 
 def parse(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):

@@ -15,13 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` fro
 torch.set_num_threads(1)
 
 import helpers  # noqa: E402
+from helpers import TINY_AUG, TINY_SPEC  # noqa: E402
 
-from datm.augment import AugConfig  # noqa: E402
 from datm.experts import ExpertBuffer, ExpertConfig, train_experts  # noqa: E402
-from datm.networks import NetSpec  # noqa: E402
-
-TINY_SPEC = NetSpec(channels=1, num_classes=3, im_size=8, width=4, depth=2)
-TINY_AUG = AugConfig(strategy="color_crop_cutout_scale_rotate")
 
 
 @pytest.fixture(scope="session")

@@ -19,11 +19,18 @@ import numpy as np
 import torch
 import yaml
 
+from datm.augment import AugConfig
+from datm.networks import NetSpec
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 DATM = str(VENV_BIN / "datm")
 DVC = str(VENV_BIN / "dvc")
 DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens there: any download fails at once
+
+# The unit tests' network and augmentation: a ConvNet of width 4 on 1x8x8 images of 3 classes.
+TINY_SPEC = NetSpec(channels=1, num_classes=3, im_size=8, width=4, depth=2)
+TINY_AUG = AugConfig(strategy="color_crop_cutout_scale_rotate")
 
 
 # --- tiny in-memory data -------------------------------------------------------------------
@@ -95,33 +102,51 @@ def make_cifar10(root: Path, per_batch: int = 30, n_test: int = 40) -> Path:
 
 # --- params and projects -------------------------------------------------------------------
 
+def _overlay(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _overlay(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def shipped_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
 def tiny_params(name: str = "fashion_mnist", root: str = "standin", zca: bool = True) -> dict:
-    """A params.yaml mapping for a pipeline that finishes in seconds."""
-    return {
+    """The repository's params.yaml with tiny values: a pipeline that finishes in seconds.
+
+    Only values change (and the IPC table is replaced): keys the shipped profile lacks stay
+    missing, so the end-to-end tests exercise the profile as it is shipped.
+    """
+    tiny = {
         "seed": 0,
         "device": "cpu",
         "data": {"name": name, "root": root},
         "zca": {"enabled": zca, "eps": 0.1},
         "net": {"width": 4, "depth": 2, "norm": "instance"},
         "augment": {"strategy": "color_crop_cutout_scale_rotate"},
-        "buffers": {"num_experts": 2, "epochs": 3, "lr": 0.05, "momentum": 0.0,
-                    "weight_decay": 0.0, "batch": 32, "rho": 0.0, "group": 1},
+        "buffers": {"num_experts": 2, "epochs": 3, "lr": 0.05, "batch": 32, "group": 1},
         "distill": {
             "ipcs": [1, 2],
             "defaults": {"iterations": 3, "threshold": 10.0, "mode": "recompute",
-                         "init": "real_correct", "labels": "expert", "learn_labels": True,
-                         "lr_lr": 1e-5, "checkpoint_every": 2, "grid_every": 2},
-            "ipc": {
-                1: {"syn_steps": 2, "expert_epochs": 1, "min_start_epoch": 0,
-                    "max_start_epoch": 2, "batch_syn": 5, "lr_img": 10, "lr_y": 2},
-                2: {"syn_steps": 2, "expert_epochs": 1, "min_start_epoch": 0, "sg_start": 1,
-                    "max_start_epoch": 2, "sg_end": 2, "batch_syn": 10, "lr_img": 10,
-                    "lr_y": 2},
-            },
+                         "init": "real_correct", "labels": "expert", "checkpoint_every": 2,
+                         "grid_every": 2},
         },
         "evaluate": {"models": 1, "epochs": 2, "batch": 32, "arch": "convnet",
-                     "random_lr": 0.01, "fullset_epochs": 1, "fullset_lr": 0.05},
+                     "fullset_epochs": 1, "fullset_lr": 0.05},
     }
+    params = _overlay(shipped_params(), tiny)
+    params["distill"]["ipc"] = {
+        1: {"syn_steps": 2, "expert_epochs": 1, "min_start_epoch": 0, "max_start_epoch": 2,
+            "batch_syn": 5, "lr_img": 10, "lr_y": 2},
+        2: {"syn_steps": 2, "expert_epochs": 1, "min_start_epoch": 0, "sg_start": 1,
+            "max_start_epoch": 2, "sg_end": 2, "batch_syn": 10, "lr_img": 10, "lr_y": 2},
+    }
+    return params
 
 
 def write_params(project: Path, params: dict) -> Path:
@@ -136,7 +161,8 @@ def project_files() -> list[str]:
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     skip = ("tests/", ".dvc/", ".ci/")
     return [f for f in out.splitlines()
-            if f and not f.startswith(skip) and (REPO / f).is_file()]
+            if f and not f.startswith(skip) and (REPO / f).is_file()
+            and (REPO / f).stat().st_size < 5_000_000]  # no stray data files
 
 
 def copy_project(dest: Path) -> Path:
@@ -164,8 +190,9 @@ def git_commit_all(project: Path, message: str = "tiny project") -> str:
 
 def base_env(**extra: str) -> dict:
     """Environment for subprocesses: the venv first on PATH, no tracking, no network, 1 thread."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("COLUMNS", "LINES", "MLFLOW_TRACKING_URI", "PYTHONPATH")}
+    drop = ("COLUMNS", "LINES", "MLFLOW_TRACKING_URI", "PYTHONPATH", "DATM_DEBUG",
+            "DATM_EXPERIMENT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update({
         "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         "DATM_TRACKING": "off",

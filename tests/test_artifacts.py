@@ -158,11 +158,19 @@ def test_atomic_path_success_replaces_and_is_readable(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
 
-def test_failed_save_keeps_previous_artifact(tmp_path):
+def test_save_killed_mid_write_keeps_previous_artifact(tmp_path, monkeypatch):
     path = artifacts.save(tmp_path / "a.safetensors", {"a": torch.ones(2)}, "k", {"v": 1})
-    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type for a bad dtype
-        artifacts.save(path, {"a": object()}, "k", {"v": 2})  # type: ignore[dict-item]
+
+    def dying_save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 16)  # a few bytes, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts, "save_file", dying_save_file)
+    with pytest.raises(KeyboardInterrupt):
+        artifacts.save(path, {"a": torch.zeros(5)}, "k", {"v": 2})
     assert artifacts.read_meta(path, "k") == {"v": 1}
+    assert torch.equal(artifacts.load(path, "k")[0]["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
 
 

@@ -140,15 +140,27 @@ def test_flip_mirrors_exactly_the_flagged_images():
     assert torch.equal(out[1], x[1]) and torch.equal(out[3], x[3])
 
 
-def test_cutout_zeroes_a_square_of_the_configured_side():
+@pytest.mark.parametrize("size", [8, 9, 10, 28, 32])
+def test_cutout_inside_the_image_removes_a_square_of_the_configured_side(size):
+    """ALGORITHM.md 5 / DSA: cutout side = int(size * 0.5 + 0.5) pixels, here fully inside."""
+    cfg = AugConfig(strategy="cutout", cutout=0.5)
+    side = int(size * cfg.cutout + 0.5)
+    centre = float(size // 2)
+    x = torch.ones(1, 2, size, size)
+    out = apply(x, AugDraw("cutout", torch.tensor([[centre, centre]])), cfg)
+    zero = out[0, 0] == 0
+    assert torch.equal(out[0, 0], out[0, 1])  # same square in every channel
+    rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
+    assert len(rows) == side and len(cols) == side, (len(rows), len(cols), side)
+    assert int(zero.sum()) == side * side
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_cutout_is_clipped_at_the_border():
     cfg = AugConfig(strategy="cutout", cutout=0.5)
     x = torch.ones(2, 1, S, S)
     out = apply(x, AugDraw("cutout", torch.tensor([[4.0, 4.0], [0.0, 7.0]])), cfg)
-    side = int(S * cfg.cutout + 0.5)
-    zeros_centre = int((out[0] == 0).sum())
-    assert 0 < zeros_centre <= side * side
-    assert set(out.unique().tolist()) <= {0.0, 1.0}
-    assert (out[1] == 0).sum() < zeros_centre  # clipped at the corner
+    assert 0 < int((out[1] == 0).sum()) < int((out[0] == 0).sum())
 
 
 def test_scale_and_rotate_identity_draws_change_nothing():

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_AUG, TINY_SPEC
+from helpers import TINY_AUG, TINY_SPEC
 
 from datm import artifacts
-from datm.experts import (KIND, ExpertBuffer, ExpertConfig, config_hash, expert_path,
-                          train_experts)
+from datm.experts import KIND, ExpertBuffer, ExpertConfig, config_hash, expert_path, train_experts
 from datm.networks import FlatModel
 
 CFG = ExpertConfig(num_experts=2, epochs=2, lr=0.05, batch=16, seed=0)

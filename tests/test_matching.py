@@ -58,11 +58,14 @@ def test_plan_is_well_formed_and_seeded():
     assert len(a.batches) == len(a.draws) == 10
     for x, y in zip(a.batches, b.batches):
         assert torch.equal(x, y)
-        assert x.numel() == 3 and x.min() >= 0 and x.max() < 7
+        assert x.min() >= 0 and x.max() < 7
+    # chunks of one permutation, as MTT/DATM: 3, 3, then the remaining 1, then a new permutation
+    assert [x.numel() for x in a.batches] == [3, 3, 1, 3, 3, 1, 3, 3, 1, 3]
     for x, y in zip(a.draws, b.draws):
         assert x.family == y.family and torch.equal(x.values, y.values)
-    # batches walk through permutations: over 7 steps of 3 every image appears 3 times
-    seen = torch.cat(a.batches[:7]).bincount(minlength=7)
+        assert x.values.shape[0] in (1, 3)
+    # every permutation covers each image exactly once: 3 permutations in the first 9 steps
+    seen = torch.cat(a.batches[:9]).bincount(minlength=7)
     assert torch.equal(seen, torch.full((7,), 3))
     # a batch larger than the set is the whole set
     whole = make_plan(4, 100, 2, 8, aug, torch.Generator().manual_seed(0))
@@ -70,6 +73,16 @@ def test_plan_is_well_formed_and_seeded():
     # augmentation off: no draws
     off = make_plan(4, 2, 3, 8, AugConfig(enabled=False), torch.Generator().manual_seed(0))
     assert off.draws == [None, None, None]
+
+
+@pytest.mark.parametrize("n_syn,batch", [(7, 3), (100, 30), (10, 4)])
+def test_plan_batches_never_repeat_an_image(n_syn, batch):
+    """A mini-batch is drawn without replacement (MTT/DATM: chunks of a permutation)."""
+    for seed in range(10):
+        plan = make_plan(n_syn, batch, 12, 8, AugConfig(enabled=False),
+                         torch.Generator().manual_seed(seed))
+        for step, idx in enumerate(plan.batches):
+            assert idx.unique().numel() == idx.numel(), (seed, step, idx.tolist())
 
 
 def test_plan_uses_augmentation():

@@ -1,0 +1,395 @@
+"""datm.distill: the SG window, buffer checks, initialization, exact resume, NaN handling."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import TINY_AUG, TINY_SPEC
+
+import datm.distill as distill_module
+from datm import artifacts
+from datm.distill import (
+    CHECKPOINT,
+    HISTORY_COLUMNS,
+    RESULT,
+    DistillConfig,
+    Distiller,
+    DistillError,
+    check_buffer,
+    initialize,
+    upper_bound,
+)
+from datm.matching import MatchResult
+from datm.networks import FlatModel
+
+CFG = DistillConfig(ipc=2, syn_steps=2, expert_epochs=1, min_start_epoch=0, sg_start=1,
+                    max_start_epoch=3, sg_end=3, batch_syn=4, lr_img=10.0, lr_y=2.0,
+                    lr_lr=1e-3, iterations=6, threshold=10.0, checkpoint_every=2, seed=0)
+
+
+# --- the sampling window ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t_min,t_sg,t_max,sg_end", [(0, 10, 20, 1000), (0, 2, 3, 100),
+                                                     (1, 2, 9, 7), (0, 4, 4, 5)])
+def test_upper_bound_follows_sequential_generation(t_min, t_sg, t_max, sg_end):
+    cfg = DistillConfig(ipc=1, min_start_epoch=t_min, sg_start=t_sg, max_start_epoch=t_max,
+                        sg_end=sg_end)
+    bounds = [upper_bound(cfg, it) for it in range(3 * sg_end)]
+    for it, u in enumerate(bounds):
+        # ALGORITHM.md section 3: U = min(T+, T + (T+ - T) * it / sg_end), as a whole epoch
+        assert u == min(t_max, t_sg + int((t_max - t_sg) * it / sg_end)), it
+    assert bounds[0] == t_sg
+    assert all(u == t_max for u in bounds[sg_end:])
+    assert all(a <= b for a, b in zip(bounds, bounds[1:]))  # never shrinks
+    assert all(t_min < u <= t_max for u in bounds)  # [T-, U) is never empty
+
+
+def test_upper_bound_without_sg_is_t_plus():
+    cfg = DistillConfig(ipc=1, min_start_epoch=2, max_start_epoch=7)
+    assert {upper_bound(cfg, it) for it in range(0, 5000, 37)} == {7}
+
+
+def _recording_match(calls: list):
+    def fake(mode, fm, images, labels, lr, start, target, plan, aug, skip_above=None):
+        calls.append({"mode": mode, "start": start.clone(), "target": target.clone(),
+                      "plan": plan, "n": images.shape[0]})
+        return MatchResult(0.5)
+    return fake
+
+
+def test_start_epochs_stay_in_the_window(monkeypatch, tiny_buffer, tiny_data):
+    calls: list[dict] = []
+    monkeypatch.setattr(distill_module, "match", _recording_match(calls))
+    cfg = DistillConfig(ipc=1, syn_steps=1, expert_epochs=2, min_start_epoch=1, sg_start=2,
+                        max_start_epoch=4, sg_end=20, iterations=150, seed=3)
+    x, y, _, _ = tiny_data
+    d = Distiller.create(cfg, tiny_buffer, x, y, TINY_AUG)
+    infos: list[dict] = []
+    d.run(callback=infos.append)
+    assert len(infos) == len(calls) == 150 == d.iteration
+    starts = set()
+    for it, (info, call) in enumerate(zip(infos, calls)):
+        u = info["upper_bound"]
+        assert u == upper_bound(cfg, it)
+        assert cfg.min_start_epoch <= info["start_epoch"] < u
+        starts.add(info["start_epoch"])
+        # the matched pair is (theta*_t, theta*_{t+M}) of the drawn expert
+        rows = tiny_buffer.epochs_of(info["expert"], [info["start_epoch"],
+                                                      info["start_epoch"] + cfg.expert_epochs])
+        assert torch.equal(call["start"], rows[0]) and torch.equal(call["target"], rows[1])
+        assert call["mode"] == cfg.mode
+    assert starts == {1, 2, 3}  # every epoch of [T-, T+) is used
+    assert {i["expert"] for i in infos} == {0, 1, 2}
+    # the history records what happened
+    assert [row[2] for row in d.history] == [i["start_epoch"] for i in infos]
+    assert [row[3] for row in d.history] == [i["upper_bound"] for i in infos]
+
+
+# --- buffer and data checks ---------------------------------------------------------------------
+
+def test_check_buffer_needs_epoch_t_plus_minus_one_plus_m(tiny_buffer, tiny_data):
+    assert tiny_buffer.epochs == 5
+    ok = DistillConfig(ipc=1, max_start_epoch=4, expert_epochs=2)  # reads up to epoch 5
+    check_buffer(ok, tiny_buffer)
+    x, y, _, _ = tiny_data
+    for bad in (DistillConfig(ipc=1, max_start_epoch=5, expert_epochs=2),
+                DistillConfig(ipc=1, max_start_epoch=3, expert_epochs=4)):
+        with pytest.raises(DistillError, match="raise buffers.epochs"):
+            check_buffer(bad, tiny_buffer)
+        with pytest.raises(DistillError):
+            Distiller.create(bad, tiny_buffer, x, y, TINY_AUG)
+
+
+def test_the_deepest_epoch_read_exists(monkeypatch, tiny_buffer, tiny_data):
+    """At the limit T+ - 1 + M == epochs every sampled target row is inside the trajectory."""
+    calls: list[dict] = []
+    monkeypatch.setattr(distill_module, "match", _recording_match(calls))
+    cfg = DistillConfig(ipc=1, syn_steps=1, expert_epochs=2, min_start_epoch=2,
+                        max_start_epoch=4, iterations=40)
+    x, y, _, _ = tiny_data
+    Distiller.create(cfg, tiny_buffer, x, y, TINY_AUG).run()
+    assert len(calls) == 40
+
+
+def _short_class(tiny_data, keep: int = 3):
+    """Training data where class 2 has only `keep` images."""
+    x, y, _, _ = tiny_data
+    idx2 = torch.nonzero(y == 2).flatten()
+    mask = torch.ones_like(y, dtype=torch.bool)
+    mask[idx2[keep:]] = False
+    return x[mask], y[mask]
+
+
+@pytest.mark.parametrize("init", ["real_correct", "real"])
+def test_ipc_larger_than_a_class_is_refused(tiny_buffer, tiny_data, init):
+    x, y = _short_class(tiny_data, keep=3)
+    cfg = DistillConfig(ipc=4, init=init, max_start_epoch=2)
+    with pytest.raises(DistillError, match="class 2 has 3"):
+        initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
+    with pytest.raises(DistillError):
+        Distiller.create(cfg, tiny_buffer, x, y, TINY_AUG)
+    # exactly as many as the class has is fine
+    images, labels = initialize(replace(cfg, ipc=3), tiny_buffer, x, y,
+                                torch.Generator().manual_seed(0))
+    assert images.shape[0] == labels.shape[0] == 9
+
+
+def test_noise_init_gives_ipc_images_per_class_even_for_a_short_class(tiny_buffer, tiny_data):
+    """The error above suggests `init: noise` for such data: it must still give C x IPC images."""
+    x, y = _short_class(tiny_data, keep=3)
+    cfg = DistillConfig(ipc=4, init="noise", max_start_epoch=2)
+    images, labels = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
+    assert images.shape == (3 * 4, 1, 8, 8)
+    assert labels.shape == (3 * 4, 3)
+
+
+# --- initialization -----------------------------------------------------------------------------
+
+def _expert_logits_at(buffer, epoch: int, images: torch.Tensor, y: torch.Tensor):
+    """ALGORITHM.md 3: mean logits of the experts that classify each image correctly."""
+    fm = FlatModel(buffer.spec)
+    logits = torch.stack([fm(buffer.epochs_of(k, [epoch])[0], images)
+                          for k in range(len(buffer))])
+    right = logits.argmax(-1) == y
+    out = torch.empty(images.shape[0], logits.shape[-1])
+    for i in range(images.shape[0]):
+        who = right[:, i] if right[:, i].any() else torch.ones_like(right[:, i])
+        out[i] = logits[who, i].mean(0)
+    return out
+
+
+@pytest.mark.parametrize("init", ["real_correct", "real"])
+def test_initialize_is_class_major_real_images_with_expert_labels(tiny_buffer, tiny_data, init):
+    x, y, _, _ = tiny_data
+    cfg = DistillConfig(ipc=3, init=init, max_start_epoch=3)
+    with torch.no_grad():
+        images, labels = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(1))
+    assert images.shape == (9, 1, 8, 8) and labels.shape == (9, 3)
+    assert images.dtype == labels.dtype == torch.float32
+    classes = torch.arange(3).repeat_interleave(3)
+    used = []
+    for img, c in zip(images, classes):
+        match = torch.nonzero((x == img).flatten(1).all(1)).flatten()
+        assert match.numel() >= 1, "not a real image"
+        assert int(y[match[0]]) == int(c), "not class-major"
+        used.append(int(match[0]))
+    assert len(set(used)) == 9  # no image chosen twice
+    # soft labels: the experts' averaged logits (at some epoch of the window's end region)
+    found = [e for e in range(1, tiny_buffer.epochs + 1)
+             if torch.allclose(labels, _expert_logits_at(tiny_buffer, e, images, classes),
+                               atol=1e-5)]
+    assert found, "labels are not the mean logits of the experts that are right"
+    # the images are copies: changing them does not change the real data
+    before = x.clone()
+    images += 1
+    assert torch.equal(x, before)
+
+
+def test_real_correct_prefers_correctly_classified_images(tiny_buffer, tiny_data):
+    x, y, _, _ = tiny_data
+    cfg = DistillConfig(ipc=2, init="real_correct", max_start_epoch=3)
+    with torch.no_grad():
+        images, _ = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
+        fm = FlatModel(tiny_buffer.spec)
+        epoch = min(cfg.max_start_epoch, tiny_buffer.epochs)
+        thetas = [tiny_buffer.epochs_of(k, [epoch])[0] for k in range(len(tiny_buffer))]
+        # at least one expert (the reference) classifies every chosen image correctly,
+        # provided each class has enough correctly classified images for every expert
+        per_expert = [fm(t, x).argmax(1) == y for t in thetas]
+        enough = all(int((ok & (y == c)).sum()) >= cfg.ipc for ok in per_expert for c in range(3))
+        assert enough, "tiny experts too weak for this check"
+        chosen_ok = torch.stack([fm(t, images).argmax(1) == torch.arange(3).repeat_interleave(2)
+                                 for t in thetas])
+    assert chosen_ok.all(1).any()
+
+
+def test_hard_labels_are_one_hot(tiny_buffer, tiny_data):
+    x, y, _, _ = tiny_data
+    cfg = DistillConfig(ipc=2, labels="hard", max_start_epoch=3)
+    _, labels = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
+    probs = labels.softmax(1)
+    assert torch.equal(labels.argmax(1), torch.arange(3).repeat_interleave(2))
+    assert (probs.max(1).values > 0.999).all()
+
+
+def test_initialize_is_seeded(tiny_buffer, tiny_data):
+    x, y, _, _ = tiny_data
+    cfg = DistillConfig(ipc=2, max_start_epoch=3)
+    a = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(5))
+    b = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(5))
+    c = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(6))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+# --- running, checkpoints, resume ---------------------------------------------------------------
+
+def _state(d: Distiller) -> dict:
+    return {"images": d.images, "labels": d.labels, "lr": d.lr,
+            "history": torch.tensor(d.history, dtype=torch.float64)}
+
+
+def _assert_identical(a: Distiller, b: Distiller) -> None:
+    sa, sb = _state(a), _state(b)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    assert (a.iteration, a.skipped, a.nonfinite) == (b.iteration, b.skipped, b.nonfinite)
+    for name in ("images", "labels", "lr"):
+        assert torch.equal(getattr(a.momenta, name), getattr(b.momenta, name)), name
+
+
+def test_run_updates_images_labels_and_lr(tiny_buffer, tiny_data):
+    x, y, _, _ = tiny_data
+    d = Distiller.create(replace(CFG, iterations=3), tiny_buffer, x, y, TINY_AUG)
+    start = {k: v.clone() for k, v in _state(d).items() if k != "history"}
+    assert float(d.lr) == pytest.approx(tiny_buffer.lr)  # alpha starts at the experts' lr
+    infos: list[dict] = []
+    d.run(callback=infos.append)
+    assert d.iteration == 3 and len(d.history) == 3
+    assert all(len(row) == len(HISTORY_COLUMNS) for row in d.history)
+    assert all(i["updated"] for i in infos), "threshold 10 should never skip here"
+    assert d.skipped == 0
+    assert not torch.equal(d.images, start["images"])
+    assert not torch.equal(d.labels, start["labels"])
+    assert float(d.lr) != float(start["lr"])
+    assert [i["iteration"] for i in infos] == [1, 2, 3]
+
+
+def test_frozen_labels_and_skipped_iterations(tiny_buffer, tiny_data):
+    x, y, _, _ = tiny_data
+    d = Distiller.create(replace(CFG, iterations=2, learn_labels=False), tiny_buffer, x, y,
+                         TINY_AUG)
+    labels = d.labels.clone()
+    d.run()
+    assert torch.equal(d.labels, labels)
+    skip = Distiller.create(replace(CFG, iterations=2, threshold=0.0), tiny_buffer, x, y,
+                            TINY_AUG)
+    images = skip.images.clone()
+    skip.run()
+    assert skip.skipped == 2 and torch.equal(skip.images, images)
+    assert [row[5] for row in skip.history] == [1, 2]
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_buffer, tiny_data):
+    x, y, _, _ = tiny_data
+    full = Distiller.create(CFG, tiny_buffer, x, y, TINY_AUG)
+    full.run(checkpoint=tmp_path / "full.safetensors", identity="run")
+    assert full.iteration == 6 and full.skipped < 6
+
+    first = Distiller.create(replace(CFG, iterations=4), tiny_buffer, x, y, TINY_AUG)
+    first.run(checkpoint=tmp_path / "part.safetensors", identity="run")
+    meta = artifacts.read_meta(tmp_path / "part.safetensors", CHECKPOINT)
+    assert meta["iteration"] == 4
+    resumed = Distiller.resume(tmp_path / "part.safetensors", CFG, tiny_buffer, TINY_AUG,
+                               identity="run")
+    assert resumed is not None and resumed.iteration == 4
+    resumed.run(checkpoint=tmp_path / "part.safetensors", identity="run")
+    _assert_identical(resumed, full)
+
+
+def test_resume_after_a_kill_between_checkpoints(tmp_path, tiny_buffer, tiny_data):
+    x, y, _, _ = tiny_data
+    full = Distiller.create(CFG, tiny_buffer, x, y, TINY_AUG)
+    full.run()
+
+    def kill_at_3(info: dict) -> None:
+        if info["iteration"] == 3:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "ckpt.safetensors"
+    killed = Distiller.create(CFG, tiny_buffer, x, y, TINY_AUG)
+    with pytest.raises(KeyboardInterrupt):
+        killed.run(callback=kill_at_3, checkpoint=ckpt)
+    assert artifacts.read_meta(ckpt, CHECKPOINT)["iteration"] == 2  # checkpoint_every = 2
+    resumed = Distiller.resume(ckpt, CFG, tiny_buffer, TINY_AUG)
+    assert resumed.iteration == 2
+    resumed.run(checkpoint=ckpt)
+    _assert_identical(resumed, full)
+    assert artifacts.read_meta(ckpt, CHECKPOINT)["iteration"] == 6
+
+
+def test_resume_refuses_other_runs_and_damaged_checkpoints(tmp_path, tiny_buffer, tiny_data):
+    x, y, _, _ = tiny_data
+    ckpt = tmp_path / "ckpt.safetensors"
+    assert Distiller.resume(ckpt, CFG, tiny_buffer, TINY_AUG) is None  # none yet
+    d = Distiller.create(replace(CFG, iterations=2), tiny_buffer, x, y, TINY_AUG)
+    d.run(checkpoint=ckpt, identity="a")
+    assert Distiller.resume(ckpt, CFG, tiny_buffer, TINY_AUG, identity="b") is None
+    assert Distiller.resume(ckpt, CFG, tiny_buffer, TINY_AUG, identity="a") is not None
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    assert Distiller.resume(ckpt, CFG, tiny_buffer, TINY_AUG, identity="a") is None
+
+
+def test_unroll_mode_gives_the_same_run(tiny_buffer, tiny_data):
+    x, y, _, _ = tiny_data
+    a = Distiller.create(replace(CFG, iterations=3, mode="recompute"), tiny_buffer, x, y,
+                         TINY_AUG)
+    b = Distiller.create(replace(CFG, iterations=3, mode="unroll"), tiny_buffer, x, y, TINY_AUG)
+    a.run()
+    b.run()
+    assert [r[2] for r in a.history] == [r[2] for r in b.history]  # same sampling
+    assert torch.allclose(a.images, b.images, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(a.labels, b.labels, rtol=1e-4, atol=1e-5)
+    assert float(a.lr) == pytest.approx(float(b.lr), rel=1e-5)
+
+
+def test_save_result_round_trip(tmp_path, tiny_buffer, tiny_data):
+    x, y, _, _ = tiny_data
+    d = Distiller.create(replace(CFG, iterations=2), tiny_buffer, x, y, TINY_AUG)
+    d.run()
+    d.save_result(tmp_path / "ipc_2.safetensors", {"classes": ["a", "b", "c"]})
+    tensors, meta = artifacts.load(tmp_path / "ipc_2.safetensors", RESULT)
+    assert torch.equal(tensors["images"], d.images)
+    assert torch.equal(tensors["labels"], d.labels)
+    assert float(tensors["lr"][0]) == float(d.lr)
+    assert tensors["history"].shape == (2, len(HISTORY_COLUMNS))
+    assert meta["ipc"] == 2 and meta["iteration"] == 2 and meta["classes"] == ["a", "b", "c"]
+    assert meta["settings"]["syn_steps"] == CFG.syn_steps
+    assert meta["spec"] == TINY_SPEC.to_dict()
+    assert meta["history_columns"] == list(HISTORY_COLUMNS)
+
+
+# --- non-finite losses ---------------------------------------------------------------------------
+
+def test_consecutive_nan_losses_stop_the_run(monkeypatch, tiny_buffer, tiny_data):
+    calls = []
+
+    def nan_match(*args, **kwargs):
+        calls.append(1)
+        return MatchResult(float("nan"))
+
+    monkeypatch.setattr(distill_module, "match", nan_match)
+    x, y, _, _ = tiny_data
+    d = Distiller.create(replace(CFG, iterations=50, max_nonfinite=4), tiny_buffer, x, y,
+                         TINY_AUG)
+    images = d.images.clone()
+    with pytest.raises(DistillError, match="NaN"):
+        d.run()
+    assert len(calls) == 4
+    assert d.nonfinite == 4
+    assert torch.equal(d.images, images)  # nothing was applied
+
+
+def test_a_finite_loss_resets_the_nan_count(monkeypatch, tiny_buffer, tiny_data):
+    losses = iter([float("nan"), float("inf"), 0.5, float("nan"), float("nan"), 0.4,
+                   float("nan"), float("nan"), float("nan")])
+    monkeypatch.setattr(distill_module, "match", lambda *a, **k: MatchResult(next(losses)))
+    x, y, _, _ = tiny_data
+    d = Distiller.create(replace(CFG, iterations=9, max_nonfinite=3), tiny_buffer, x, y,
+                         TINY_AUG)
+    with pytest.raises(DistillError):
+        d.run()
+    assert d.iteration == 8  # the ninth iteration (third NaN in a row) raised
+    assert d.nonfinite == 7
+
+
+@pytest.mark.parametrize("bad", [
+    {"ipc": 0}, {"min_start_epoch": 3, "max_start_epoch": 3},
+    {"sg_start": 0, "min_start_epoch": 0}, {"sg_start": 5, "max_start_epoch": 4},
+    {"sg_start": 2, "sg_end": 0}, {"init": "zeros"}, {"labels": "soft"}, {"mode": "fast"},
+    {"syn_steps": 0}, {"checkpoint_every": 0}])
+def test_invalid_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        DistillConfig(**{"ipc": 1, **bad})

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from . import artifacts
 from .augment import AugConfig
+from .events import Callback
 from .experts import ExpertBuffer
 from .matching import MODES, make_plan, match
 from .networks import FlatModel
@@ -27,7 +27,6 @@ RESULT = "distilled"
 INITS = ("real_correct", "real", "noise")
 LABELS = ("expert", "hard")
 HISTORY_COLUMNS = ("iteration", "loss", "start_epoch", "upper_bound", "lr", "skipped")
-Callback = Callable[[dict], None]
 
 
 class DistillError(RuntimeError):

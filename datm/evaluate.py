@@ -7,17 +7,16 @@ subset baseline (hard labels) and the full-dataset reference, so the three numbe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from .augment import AugConfig, augment
+from .events import Callback
 from .networks import NetSpec, build, soft_cross_entropy
 
 ARCHS = ("convnet", "convnet_bn", "resnet18")
-Callback = Callable[[dict], None]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,10 +20,10 @@ from torch.func import grad, vmap
 
 from . import artifacts
 from .augment import AugConfig, augment
+from .events import Callback
 from .networks import FlatModel, NetSpec
 
 KIND = "expert"
-Callback = Callable[[dict], None]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,10 +16,9 @@ import torch
 from . import artifacts, data, evaluate, experts
 from .config import Params, Paths
 from .distill import Distiller, DistillError
+from .events import Callback
 from .networks import NetSpec
 from .zca import ZCA, fit
-
-Callback = Callable[[dict], None]
 
 
 def _quiet(_: dict) -> None:

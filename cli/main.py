@@ -103,15 +103,10 @@ def export(ipc: Annotated[int, typer.Option(help="which distilled IPC")],
            root: RootOpt = Path(".")) -> None:
     """Write a distilled set in pixel space with soft labels, lr and a dataset card."""
     from datm import pipeline
-    from datm.export import ExportError
     from datm.tracking import git_commit
 
     def go() -> None:
-        try:
-            path = pipeline.export_ipc(common.paths(root), ipc, format, out, force,
-                                       git_commit(root))
-        except ExportError as exc:
-            raise ValueError(str(exc)) from None
+        path = pipeline.export_ipc(common.paths(root), ipc, format, out, force, git_commit(root))
         common.console.print(f"[green]exported[/] IPC {ipc} as {format} -> {path}")
 
     _run(go)

@@ -211,6 +211,12 @@ def distilled_ipcs(paths: Paths) -> list[int]:
     return sorted(int(s) for s in found if s.isdigit())
 
 
+def distilled_pixels(paths: Paths, tensors: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+    """A distilled set's images as pixels in [0, 1] (de-whitened with the pipeline's ZCA)."""
+    zca = ZCA.load(paths.zca) if meta.get("zca") else ZCA()
+    return data.to_pixels(tensors["images"], meta["mean"], meta["std"], zca)
+
+
 def export_ipc(paths: Paths, ipc: int, fmt: str, out: Path, force: bool = False,
                git_commit: str = "unknown") -> Path:
     from .export import export
@@ -219,8 +225,7 @@ def export_ipc(paths: Paths, ipc: int, fmt: str, out: Path, force: bool = False,
         done = ", ".join(map(str, distilled_ipcs(paths))) or "none yet"
         raise DistillError(f"IPC {ipc} was not distilled (distilled IPCs: {done})")
     tensors, meta = load_distilled(paths.distilled(ipc))
-    zca = ZCA.load(paths.zca) if meta.get("zca") else ZCA()
-    pixels = data.to_pixels(tensors["images"], meta["mean"], meta["std"], zca)
+    pixels = distilled_pixels(paths, tensors, meta)
     card = {"dataset": meta.get("source"), "ipc": ipc, "settings": meta.get("settings"),
             "spec": meta.get("spec"), "git_commit": git_commit, "zca": meta.get("zca"),
             "mean": meta["mean"], "std": meta["std"], "iterations": meta.get("iteration"),
@@ -255,9 +260,10 @@ def evaluate_export(params: Params, paths: Paths, folder: Path,
     # Back to model space exactly as the pipeline's data: normalize, then whiten.
     x = md.zca.whiten(data.normalize(pixels * 255, md.mean, md.std)).to(md.x.device)
     cfg = params.evaluate
-    result = evaluate.evaluate_set(_eval_spec(params, md), x, logits.to(x.device),
-                                   evaluate.distilled_lr(cfg, lr), cfg.epochs, cfg.models, cfg,
-                                   params.augment, md.x_test, md.y_test, cfg.seed, callback)
+    lr = evaluate.distilled_lr(cfg, lr)
+    result = evaluate.evaluate_set(_eval_spec(params, md), x, logits.to(x.device), lr, cfg.epochs,
+                                   cfg.models, cfg, params.augment, md.x_test, md.y_test, cfg.seed,
+                                   callback)
     return {"folder": str(folder), "ipc": card.get("ipc"), "models": cfg.models,
-            "epochs": cfg.epochs, "lr": evaluate.distilled_lr(cfg, lr), "acc_mean": result["mean"],
+            "epochs": cfg.epochs, "lr": lr, "acc_mean": result["mean"],
             "acc_std": result["std"], "accs": result["accs"]}

@@ -27,8 +27,9 @@ from datm.artifacts import ArtifactError
 from datm.config import ConfigError, Params, Paths, load_params
 from datm.data import DataError
 from datm.distill import DistillError
+from datm.export import ExportError
 
-USER_ERRORS = (ArtifactError, ConfigError, DataError, DistillError, ValueError)
+USER_ERRORS = (ArtifactError, ConfigError, DataError, DistillError, ExportError, ValueError)
 # soft_wrap: rich would otherwise wrap at 80 columns when stderr is a pipe (DVC, CI), turning
 # the one-line error into several.
 console = Console(stderr=True, soft_wrap=True)

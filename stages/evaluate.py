@@ -65,18 +65,13 @@ def run_export(folder, params: str = "params.yaml", root: str = ".") -> dict:
     """`datm evaluate --from DIR`: the same protocol on an exported set."""
     from pathlib import Path
 
-    from datm.export import ExportError
-
     p, pa = common.load(params), common.paths(root)
     with Tracker("evaluate", root, run_name=f"evaluate-from:{Path(folder).name}") as tracker, \
             common.progress_bar() as bar:
         tracker.params({"evaluate": asdict(p.evaluate), "from": str(folder)})
         task = bar.add_task(f"evaluate {folder}", total=p.evaluate.epochs, info="")
-        try:
-            summary = pipeline.evaluate_export(p, pa, Path(folder),
-                                               _progress_events(tracker, bar, task, "exported"))
-        except ExportError as exc:
-            raise ValueError(str(exc)) from None
+        summary = pipeline.evaluate_export(p, pa, Path(folder),
+                                           _progress_events(tracker, bar, task, "exported"))
         tracker.metrics({"acc_mean": summary["acc_mean"], "acc_std": summary["acc_std"]}, 0)
     common.console.print(f"[green]evaluate {folder}:[/] {summary['acc_mean']:.4f} ± "
                          f"{summary['acc_std']:.4f} over {summary['models']} models")

@@ -6,11 +6,10 @@ import csv
 import json
 from pathlib import Path
 
-from datm import artifacts, data, pipeline
+from datm import artifacts, pipeline
 from datm.config import Params, Paths
 from datm.tracking import Tracker
 from datm.visual import class_grid, save_png
-from datm.zca import ZCA
 from stages import common
 
 
@@ -48,11 +47,10 @@ def _accuracy_figure(rows: list[dict], path: Path):
 
 
 def _grids(p: Params, pa: Paths) -> list[Path]:
-    zca = ZCA.load(pa.zca)
     out = []
     for ipc in p.ipcs:
         tensors, meta = pipeline.load_distilled(pa.distilled(ipc))
-        pixels = data.to_pixels(tensors["images"], meta["mean"], meta["std"], zca)
+        pixels = pipeline.distilled_pixels(pa, tensors, meta)
         out.append(save_png(class_grid(pixels, len(meta["classes"])),
                             pa.reports / f"grid_ipc_{ipc}.png"))
         history = tensors["history"].tolist()

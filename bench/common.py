@@ -1,4 +1,4 @@
-"""Shared by the bench scripts: peak-memory measurement in a fresh child process, tables."""
+"""Shared by the bench scripts: peak memory in a fresh child process, expert timing, tables."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import os
 import resource
 import subprocess
 import sys
+import time
 
 import torch
+
+from datm.augment import AugConfig
+from datm.experts import ExpertConfig, train_group
+from datm.networks import FlatModel
 
 
 def device() -> torch.device:
@@ -37,9 +42,29 @@ def in_child(module: str, config: dict) -> dict:
     """Run one measurement in a fresh interpreter so its peak memory is its own."""
     out = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(config)],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "."})
+    if out.returncode < 0:
+        # A child killed by a signal (usually the kernel's OOM killer) leaves no useful stderr.
+        raise RuntimeError(f"killed by signal {-out.returncode} (out of memory?)")
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else "child failed")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def expert_seconds(fm: FlatModel, groups: list[list[int]], x: torch.Tensor, y: torch.Tensor,
+                   cfg: ExpertConfig, aug: AugConfig) -> float:
+    """Wall seconds to train each seed group (one train_group call per group) on (x, y).
+
+    The warm-up uses the first group whole, so a batched group's vmap path is warm too.
+    """
+    n = min(x.shape[0], 2 * cfg.batch)
+    train_group(fm, groups[0], x[:n], y[:n], x[:64], y[:64], cfg, aug)
+    reset_peak(x.device)
+    sync(x.device)
+    tic = time.perf_counter()
+    for seeds in groups:
+        train_group(fm, seeds, x, y, x[:64], y[:64], cfg, aug)
+    sync(x.device)
+    return time.perf_counter() - tic
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -8,16 +8,15 @@ Run: `python -m bench.experts [--images 12800] [--group 4]`.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
-from bench.common import device, machine, peak_mib, reset_peak, sync, table
+from bench.common import device, expert_seconds, machine, peak_mib, table
 from datm import data
 from datm.augment import AugConfig
 from datm.config import load_params
-from datm.experts import ExpertConfig, train_group
+from datm.experts import ExpertConfig
 from datm.networks import FlatModel, NetSpec
 
 
@@ -49,15 +48,7 @@ def main() -> None:
     results = {}
     for label, groups in (("one at a time", [[k] for k in range(args.group)]),
                           (f"batched x{args.group}", [list(range(args.group))])):
-        train_group(fm, groups[0][:1], x[:cfg.batch * 2], y[:cfg.batch * 2], x[:64], y[:64],
-                    cfg, aug)  # warm-up
-        reset_peak(dev)
-        sync(dev)
-        tic = time.perf_counter()
-        for seeds in groups:
-            train_group(fm, seeds, x, y, x[:64], y[:64], cfg, aug)
-        sync(dev)
-        seconds = time.perf_counter() - tic
+        seconds = expert_seconds(fm, groups, x, y, cfg, aug)
         results[label] = (seconds, args.group * x.shape[0] / seconds, peak_mib(dev))
     plain = results["one at a time"][1]
     rows = [[k, f"{s:.1f}", f"{ips:.0f}", f"{mem:.0f}", f"{ips / plain:.2f}x"]

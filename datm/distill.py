@@ -21,6 +21,7 @@ from .events import Callback
 from .experts import ExpertBuffer
 from .matching import MODES, make_plan, match
 from .networks import FlatModel
+from .precision import PRECISIONS, numerics
 
 CHECKPOINT = "distill-checkpoint"
 RESULT = "distilled"
@@ -55,6 +56,7 @@ class DistillConfig:
     labels: str = "expert"            # expert logits (DATM) or hard one-hot (always, for noise)
     learn_labels: bool = True
     mode: str = "recompute"
+    precision: str = "float32"        # float32 | tf32 (CUDA) | bf16 autocast; see bench/precision.py
     seed: int = 0
     checkpoint_every: int = 25
     grid_every: int = 100             # iterations between image grids in MLflow
@@ -73,6 +75,7 @@ class DistillConfig:
             (self.init in INITS, f"init must be one of {INITS}"),
             (self.labels in LABELS, f"labels must be one of {LABELS}"),
             (self.mode in MODES, f"mode must be one of {MODES}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -159,9 +162,10 @@ class Distiller:
         ends = self.buffer.epochs_of(expert, [start_epoch, start_epoch + cfg.expert_epochs])
         start, target = ends.to(self.images.device).unbind(0)
         plan = make_plan(self.images.shape[0], cfg.batch_syn or self.images.shape[0],
-                         cfg.syn_steps, self.images.shape[-1], self.aug, gen)
-        result = match(cfg.mode, self.fm, self.images, self.labels, self.lr, start, target,
-                       plan, self.aug, skip_above=cfg.threshold)
+                         cfg.syn_steps, self.images.shape[-1], self.aug, gen).to(self.images.device)
+        with numerics(cfg.precision, self.images.device):
+            result = match(cfg.mode, self.fm, self.images, self.labels, self.lr, start, target,
+                           plan, self.aug, skip_above=cfg.threshold)
         finite = math.isfinite(result.loss)
         if not finite:
             self.nonfinite += 1

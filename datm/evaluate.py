@@ -7,6 +7,7 @@ subset baseline (hard labels) and the full-dataset reference, so the three numbe
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -108,16 +109,18 @@ def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: fl
 def evaluate_set(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: float, epochs: int,
                  models: int, cfg: EvalConfig, aug: AugConfig, x_test: torch.Tensor,
                  y_test: torch.Tensor, seed: int, callback: Callback | None = None) -> dict:
-    """Accuracy of `models` fresh networks on one set: {"mean", "std", "accs"}."""
-    accs = []
+    """Accuracy of `models` fresh networks on one set: {"mean", "std", "accs", "seconds"}."""
+    accs, seconds = [], []
     for k in range(models):
+        tic = time.perf_counter()
         accs.append(train_and_test(spec, x, targets, lr, epochs, cfg, aug, x_test, y_test,
                                    seed * 1009 + k, callback))
+        seconds.append(time.perf_counter() - tic)
         if callback:
             callback({"event": "model", "model": k + 1, "models": models, "acc": accs[-1]})
     t = torch.tensor(accs, dtype=torch.float64)
     std = float(t.std()) if len(accs) > 1 else 0.0
-    return {"mean": float(t.mean()), "std": std, "accs": accs}
+    return {"mean": float(t.mean()), "std": std, "accs": accs, "seconds": seconds}
 
 
 def random_subset(y: torch.Tensor, ipc: int, num_classes: int, seed: int) -> torch.Tensor:

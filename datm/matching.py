@@ -23,6 +23,7 @@ its forward pass.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,11 @@ class Plan:
 
     batches: list[torch.Tensor]          # indices into the synthetic set, one per step
     draws: list[AugDraw | None]          # augmentation draw, one per step
+
+    def to(self, device: torch.device) -> Plan:
+        """The plan on `device`, moved once so no unrolled step copies from the host."""
+        return Plan([b.to(device) for b in self.batches],
+                    [None if d is None else AugDraw(d.family, d.values.to(device)) for d in self.draws])
 
 
 @dataclass
@@ -79,7 +85,7 @@ def _distance(theta: torch.Tensor, start: torch.Tensor, target: torch.Tensor) ->
 
 def _over(loss: torch.Tensor, skip_above: float | None) -> bool:
     value = float(loss.detach())
-    return not torch.isfinite(loss.detach()).item() or (skip_above is not None and value > skip_above)
+    return not math.isfinite(value) or (skip_above is not None and value > skip_above)
 
 
 def unroll(fm: FlatModel, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
@@ -133,11 +139,12 @@ def recompute(fm: FlatModel, images: torch.Tensor, labels: torch.Tensor, lr: tor
             dot = (g * lam).sum()
             d_theta, d_xb, d_yb = torch.autograd.grad(dot, [theta, xb, yb])
         ga -= dot.detach()
-        gx.index_add_(0, idx, d_xb, alpha=-float(alpha))
-        gy.index_add_(0, idx, d_yb, alpha=-float(alpha))
+        # The -alpha factor of dX, dY is applied once after the sweep: no per-step host sync.
+        gx.index_add_(0, idx, d_xb)
+        gy.index_add_(0, idx, d_yb)
         lam = lam - alpha * d_theta
         thetas[i] = None  # type: ignore[call-overload]  # free as we go
-    return MatchResult(float(loss), gx, gy, ga)
+    return MatchResult(float(loss), gx * -alpha, gy * -alpha, ga)
 
 
 def match(mode: str, *args, **kwargs) -> MatchResult:

@@ -41,12 +41,13 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
                                   f"{e['meta']['test_acc'][-1]:.4f} in {e['meta']['seconds']:.0f}s")
 
         summary = pipeline.buffers(p, pa, on_event)
-        tracker.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, 0)
+        tracker.metrics({"expert_acc": summary["expert_acc"]}, 0)
     pipeline.write_json(pa.metrics / "buffers.json", summary)
-    common.console.print(f"[green]buffers:[/] {summary['experts']} experts, final test acc "
-                         f"{summary['final_test_acc_mean']:.4f} (min "
-                         f"{summary['final_test_acc_min']:.4f}), "
-                         f"{summary['images_per_second']:.0f} images/s")
+    runs = summary["runs"]
+    speed = sum(r["images_per_second"] * r["seconds"] for r in runs) / sum(r["seconds"] for r in runs)
+    common.console.print(f"[green]buffers:[/] {len(runs)} experts, final test acc "
+                         f"{summary['expert_acc']:.4f} (min {min(r['acc'] for r in runs):.4f}), "
+                         f"{speed:.0f} images/s")
     return summary
 
 

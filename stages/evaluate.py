@@ -37,9 +37,10 @@ def run_fullset(params: str = "params.yaml", root: str = ".") -> dict:
         tracker.params({"evaluate": asdict(p.evaluate), "net": asdict(p.net)})
         task = bar.add_task("full dataset", total=p.evaluate.fullset_epochs, info="")
         summary = pipeline.fullset(p, pa, _progress_events(tracker, bar, task, "full dataset"))
-        tracker.metrics({"acc_mean": summary["acc_mean"]}, 0)
-    common.console.print(f"[green]fullset:[/] {summary['acc_mean']:.4f} test accuracy "
-                         f"({summary['epochs']} epochs, {summary['seconds']:.0f}s)")
+        tracker.metrics({"full_dataset": summary["full_dataset"]}, 0)
+    seconds = sum(r["seconds"] for r in summary["runs"])
+    common.console.print(f"[green]fullset:[/] {summary['full_dataset']:.4f} test accuracy "
+                         f"({p.evaluate.fullset_epochs} epochs, {seconds:.0f}s)")
     return summary
 
 
@@ -53,11 +54,11 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".") -> dict:
         summary = pipeline.evaluate_ipc(p, pa, ipc, _progress_events(tracker, bar, task, ""))
         tracker.metrics({k: v for k, v in summary.items()
                          if isinstance(v, (int, float)) and v is not None}, 0)
-    full = summary["fullset_mean"]
+    full = summary["full_dataset"]
     common.console.print(
-        f"[green]evaluate ipc {ipc}:[/] distilled {summary['distilled_mean']:.4f} ± "
-        f"{summary['distilled_std']:.4f}, random real {summary['random_mean']:.4f} ± "
-        f"{summary['random_std']:.4f}" + (f", full set {full:.4f}" if full else ""))
+        f"[green]evaluate ipc {ipc}:[/] distilled {summary['distilled']:.4f} ± "
+        f"{summary['distilled_std']:.4f}, random real {summary['random_real']:.4f} ± "
+        f"{summary['random_real_std']:.4f}" + (f", full set {full:.4f}" if full else ""))
     return summary
 
 

@@ -28,11 +28,11 @@ def _accuracy_figure(rows: list[dict], path: Path):
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ipcs = [r["ipc"] for r in rows]
-    for key, label in (("distilled", "distilled (DATM)"), ("random", "random real subset")):
-        ax.errorbar(ipcs, [100 * r[f"{key}_mean"] for r in rows],
+    for key, label in (("distilled", "distilled (DATM)"), ("random_real", "random real subset")):
+        ax.errorbar(ipcs, [100 * r[key] for r in rows],
                     yerr=[100 * r[f"{key}_std"] for r in rows], marker="o", capsize=4,
                     label=label)
-    full = rows[0].get("fullset_mean")
+    full = rows[0].get("full_dataset")
     if full:
         ax.axhline(100 * full, color="gray", linestyle="--", label="full dataset")
     ax.set_xscale("log")
@@ -61,7 +61,7 @@ def _grids(p: Params, pa: Paths) -> list[Path]:
 
 
 def _markdown(rows: list[dict], grids: list[Path], p: Params) -> str:
-    full = rows[0].get("fullset_mean")
+    full = rows[0].get("full_dataset")
     lines = ["# datm summary", "",
              f"Dataset `{p.data.name}`, network {p.evaluate.arch} (width {p.net.width}, depth "
              f"{p.net.depth}), {p.evaluate.models} fresh models x {p.evaluate.epochs} epochs per "
@@ -70,10 +70,10 @@ def _markdown(rows: list[dict], grids: list[Path], p: Params) -> str:
              "| IPC | distilled | random real | full dataset | final matching loss |",
              "|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['ipc']} | {100 * r['distilled_mean']:.2f} ± "
-                     f"{100 * r['distilled_std']:.2f} | {100 * r['random_mean']:.2f} ± "
-                     f"{100 * r['random_std']:.2f} | "
-                     f"{'' if full is None else f'{100 * full:.2f}'} | {r['final_loss']:.4f} |")
+        lines.append(f"| {r['ipc']} | {100 * r['distilled']:.2f} ± "
+                     f"{100 * r['distilled_std']:.2f} | {100 * r['random_real']:.2f} ± "
+                     f"{100 * r['random_real_std']:.2f} | "
+                     f"{'' if full is None else f'{100 * full:.2f}'} | {r['matching_loss']:.4f} |")
     lines += ["", "## Distilled images (one row per class, de-whitened)", ""]
     for grid in grids:
         lines += [f"### {grid.stem.replace('grid_ipc_', 'IPC ')}", "", f"![{grid.stem}]({grid.name})", ""]
@@ -95,21 +95,17 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
         for grid in grids:
             tracker.artifact(grid, "grids")
         for r in rows:
-            tracker.metrics({"distilled_acc": r["distilled_mean"], "random_acc": r["random_mean"]},
+            tracker.metrics({"distilled_acc": r["distilled"], "random_acc": r["random_real"]},
                             r["ipc"])
-        _write_csv(pa.metrics / "plots" / "accuracy.csv",
-                   [{"ipc": r["ipc"], "distilled": r["distilled_mean"], "random_real": r["random_mean"],
-                     "full_dataset": r.get("fullset_mean")} for r in rows])
+        table = [{"ipc": r["ipc"], "distilled": r["distilled"], "random_real": r["random_real"],
+                  "full_dataset": r.get("full_dataset")} for r in rows]
+        _write_csv(pa.metrics / "plots" / "accuracy.csv", table)
         report = pa.reports / "summary.md"
         with artifacts.atomic_path(report) as tmp:
             tmp.write_text(_markdown(rows, grids, p))
         tracker.artifact(report)
-    summary = {f"ipc_{r['ipc']}": {k: r[k] for k in ("distilled_mean", "distilled_std",
-                                                     "random_mean", "random_std", "fullset_mean")}
-               for r in rows}
-    pipeline.write_json(pa.metrics / "summary.json", summary)
     common.console.print(f"[green]summary:[/] {report}")
-    return summary
+    return {"accuracy": table, "report": str(report)}
 
 
 if __name__ == "__main__":

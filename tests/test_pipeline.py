@@ -156,7 +156,7 @@ def test_repro_builds_every_artifact(e2e):
                 "artifacts/buffers/expert_001.safetensors",
                 "artifacts/distilled/ipc_1.safetensors", "artifacts/distilled/ipc_2.safetensors",
                 "metrics/evaluate/ipc_1.json", "metrics/evaluate/ipc_2.json",
-                "metrics/fullset.json", "metrics/buffers.json", "metrics/summary.json",
+                "metrics/fullset.json", "metrics/buffers.json",
                 "reports/summary.md", "reports/accuracy_vs_ipc.png", "reports/grid_ipc_1.png",
                 "metrics/plots/accuracy.csv", "dvc.lock"):
         assert (root / rel).is_file(), rel
@@ -181,7 +181,9 @@ def test_repro_builds_every_artifact(e2e):
         assert tensors["labels"].shape == (10 * ipc, 10)
         assert meta["iteration"] == 3 and tensors["history"].shape[0] == 3
         ev = json.loads((root / f"metrics/evaluate/ipc_{ipc}.json").read_text())
-        assert ev["ipc"] == ipc and 0 <= ev["distilled_mean"] <= 1 and 0 <= ev["random_mean"] <= 1
+        assert ev["ipc"] == ipc and 0 <= ev["distilled"] <= 1 and 0 <= ev["random_real"] <= 1
+        assert ev["full_dataset"] is not None
+        assert [r["set"] for r in ev["runs"]] == ["distilled", "random real"]
 
     report = (root / "reports/summary.md").read_text()
     assert re.search(r"^\| 1 \|", report, flags=re.M) and re.search(r"^\| 2 \|", report,
@@ -220,6 +222,22 @@ def test_second_repro_runs_nothing(e2e):
     assert result.returncode == 0, describe(result)
     assert ran_stages(result.stdout) == set(), result.stdout
     assert "up to date" in result.stdout
+
+
+@pytest.mark.slow
+def test_dvc_metrics_show_one_narrow_row_per_ipc(e2e):
+    result = helpers.run([DVC, "metrics", "show", "--json"], cwd=e2e.root, env=e2e.env)
+    assert result.returncode == 0, describe(result)
+    files = next(iter(json.loads(result.stdout).values()))["data"]
+    rows = {path: body["data"] for path, body in files.items()}
+    per_ipc = {row["ipc"]: row for path, row in rows.items() if "evaluate" in path}
+    assert set(per_ipc) == {1, 2}
+    for row in per_ipc.values():
+        assert {"distilled", "distilled_std", "random_real", "random_real_std",
+                "full_dataset"} <= set(row)
+    # every scalar is a column of the table: keep their union small enough to read
+    columns = {k for row in rows.values() for k, v in row.items() if not isinstance(v, list)}
+    assert len(columns) <= 9, sorted(columns)
 
 
 def _status(project: Project) -> dict:

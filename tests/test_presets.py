@@ -144,5 +144,5 @@ def test_preset_runs_on_standin_data(preset: Path, tmp_path: Path) -> None:
 
     for ipc in (min(runnable), max(runnable)):
         ev = pipeline.evaluate_ipc(params, paths, ipc)
-        assert 0.0 <= ev["distilled_mean"] <= 1.0 and 0.0 <= ev["random_mean"] <= 1.0
-        assert ev["fullset_mean"] is not None
+        assert 0.0 <= ev["distilled"] <= 1.0 and 0.0 <= ev["random_real"] <= 1.0
+        assert ev["full_dataset"] is not None

@@ -8,6 +8,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -48,6 +49,22 @@ def in_child(module: str, config: dict) -> dict:
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else "child failed")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def best_seconds(run: Callable[[object], object], prepare: Callable[[], object], repeats: int,
+                 dev: torch.device) -> float:
+    """Best wall time of run(prepare()) over `repeats` calls after one warm-up (prepare untimed)."""
+    times = []
+    for i in range(repeats + 1):
+        arg = prepare()
+        reset_peak(dev)
+        sync(dev)
+        tic = time.perf_counter()
+        run(arg)
+        sync(dev)
+        if i:
+            times.append(time.perf_counter() - tic)
+    return min(times)
 
 
 def expert_seconds(fm: FlatModel, groups: list[list[int]], x: torch.Tensor, y: torch.Tensor,

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
-from bench.common import device, in_child, machine, peak_mib, reset_peak, sync, table
+from bench.common import best_seconds, device, in_child, machine, peak_mib, table
 from datm.augment import AugConfig
 from datm.matching import make_plan, match
 from datm.networks import FlatModel, NetSpec
@@ -39,17 +38,9 @@ def child(cfg: dict) -> dict:
     aug = AugConfig()
     if cfg["mode"] == "baseline":
         return {"seconds": 0.0, "peak_mib": peak_mib(dev)}
-    times = []
-    for i in range(cfg["repeats"] + 1):  # the first is warm-up
-        plan = make_plan(images.shape[0], cfg["batch"], cfg["steps"], cfg["size"], aug, gen)
-        reset_peak(dev)
-        sync(dev)
-        tic = time.perf_counter()
-        match(cfg["mode"], fm, images, labels, lr, start, target, plan, aug)
-        sync(dev)
-        if i:
-            times.append(time.perf_counter() - tic)
-    return {"seconds": min(times), "peak_mib": peak_mib(dev)}
+    plan = lambda: make_plan(images.shape[0], cfg["batch"], cfg["steps"], cfg["size"], aug, gen)  # noqa: E731
+    run = lambda p: match(cfg["mode"], fm, images, labels, lr, start, target, p, aug)  # noqa: E731
+    return {"seconds": best_seconds(run, plan, cfg["repeats"], dev), "peak_mib": peak_mib(dev)}
 
 
 def main() -> None:

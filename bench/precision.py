@@ -19,11 +19,10 @@ CPU, scaled down (about a minute on 2 cores):
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from bench.common import device, machine, sync, table
+from bench.common import best_seconds, device, machine, table
 from datm.augment import AugConfig
 from datm.matching import MODES, MatchResult, make_plan, match
 from datm.networks import FlatModel, NetSpec
@@ -51,16 +50,14 @@ def _run(spec: NetSpec, tensors: tuple, plan, dev: torch.device, dtype: torch.dt
     images, labels, start, target = (t.to(dev, dtype) for t in tensors)
     lr = torch.tensor(0.01, device=dev, dtype=dtype)
     plan = plan.to(dev)
-    times = []
-    for i in range(repeats + 1):  # the first is warm-up
-        sync(dev)
-        tic = time.perf_counter()
+    results = []
+
+    def run(_: object) -> None:
         with numerics(precision, dev):
-            result = match(mode, fm, images, labels, lr, start, target, plan, AugConfig())
-        sync(dev)
-        if i:
-            times.append(time.perf_counter() - tic)
-    return result, min(times)
+            results.append(match(mode, fm, images, labels, lr, start, target, plan, AugConfig()))
+
+    seconds = best_seconds(run, lambda: None, repeats, dev)
+    return results[-1], seconds
 
 
 def _compare(g: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

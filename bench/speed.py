@@ -53,7 +53,7 @@ from functools import cache, partial
 import torch
 import torch.nn.functional as F
 
-from bench.common import device, expert_seconds, in_child, machine, peak_mib, reset_peak, sync, table
+from bench.common import best_seconds, device, expert_seconds, in_child, machine, peak_mib, table
 from bench.matching import _setup
 from datm.augment import FAMILIES, AugConfig, AugDraw, apply, sample
 from datm.experts import ExpertConfig
@@ -196,17 +196,8 @@ def _child_match(cfg: dict) -> dict:
         run = lambda plan: plain_iteration(fm.spec, *leaves, start, target, plan, aug)  # noqa: E731
     else:
         run = lambda plan: match(cfg["impl"], fm, images, labels, lr, start, target, plan, aug)  # noqa: E731
-    times = []
-    for i in range(cfg["repeats"] + 1):  # the first is warm-up
-        plan = make_plan(images.shape[0], cfg["batch"], cfg["steps"], cfg["size"], aug, gen)
-        reset_peak(dev)
-        sync(dev)
-        tic = time.perf_counter()
-        run(plan)
-        sync(dev)
-        if i:
-            times.append(time.perf_counter() - tic)
-    return {"seconds": min(times), "peak_mib": peak_mib(dev)}
+    plan = lambda: make_plan(images.shape[0], cfg["batch"], cfg["steps"], cfg["size"], aug, gen)  # noqa: E731
+    return {"seconds": best_seconds(run, plan, cfg["repeats"], dev), "peak_mib": peak_mib(dev)}
 
 
 def _child_experts(cfg: dict) -> dict:

@@ -83,8 +83,7 @@ def _distance(theta: torch.Tensor, start: torch.Tensor, target: torch.Tensor) ->
     return (theta - target).pow(2).sum() / (start - target).pow(2).sum()
 
 
-def _over(loss: torch.Tensor, skip_above: float | None) -> bool:
-    value = float(loss.detach())
+def _over(value: float, skip_above: float | None) -> bool:
     return not math.isfinite(value) or (skip_above is not None and value > skip_above)
 
 
@@ -102,10 +101,11 @@ def unroll(fm: FlatModel, images: torch.Tensor, labels: torch.Tensor, lr: torch.
             (g,) = torch.autograd.grad(ce, theta, create_graph=True)
             theta = theta - alpha * g
         loss = _distance(theta, start, target)
-        if _over(loss, skip_above):
-            return MatchResult(float(loss.detach()))
+        value = float(loss.detach())  # the iteration's one host sync
+        if _over(value, skip_above):
+            return MatchResult(value)
         gx, gy, ga = torch.autograd.grad(loss, [x, y, alpha])
-    return MatchResult(float(loss.detach()), gx, gy, ga)
+    return MatchResult(value, gx, gy, ga)
 
 
 def recompute(fm: FlatModel, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
@@ -122,8 +122,9 @@ def recompute(fm: FlatModel, images: torch.Tensor, labels: torch.Tensor, lr: tor
             thetas.append((theta - alpha * g).detach())
     final = thetas.pop()
     loss = _distance(final, start, target)
-    if _over(loss, skip_above):
-        return MatchResult(float(loss))
+    value = float(loss)  # the iteration's one host sync
+    if _over(value, skip_above):
+        return MatchResult(value)
 
     lam = 2 * (final - target) / (start - target).pow(2).sum()
     gx, gy = torch.zeros_like(x), torch.zeros_like(y)
@@ -144,7 +145,7 @@ def recompute(fm: FlatModel, images: torch.Tensor, labels: torch.Tensor, lr: tor
         gy.index_add_(0, idx, d_yb)
         lam = lam - alpha * d_theta
         thetas[i] = None  # type: ignore[call-overload]  # free as we go
-    return MatchResult(float(loss), gx * -alpha, gy * -alpha, ga)
+    return MatchResult(value, gx * -alpha, gy * -alpha, ga)
 
 
 def match(mode: str, *args, **kwargs) -> MatchResult:

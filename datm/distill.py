@@ -87,8 +87,13 @@ class DistillConfig:
         return self.max_start_epoch - 1 + self.expert_epochs
 
     def digest(self, extra: str = "") -> str:
-        """Identity of a run; settings that do not change its result are left out."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "grid_every")}
+        """Identity of a run; settings that do not change its result are left out.
+
+        `iterations` only says where to stop (no schedule depends on it), so a run given more
+        iterations resumes from its checkpoint instead of starting over.
+        """
+        skip = ("checkpoint_every", "grid_every", "iterations")
+        keep = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps([keep, extra], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -236,8 +241,8 @@ class Distiller:
             tensors, meta = artifacts.load(path, CHECKPOINT)
         except artifacts.ArtifactError:
             return None  # a damaged checkpoint means starting over, not failing
-        if meta.get("identity") != identity:
-            return None
+        if meta.get("identity") != identity or meta["iteration"] > cfg.iterations:
+            return None  # another run, or one already past this run's end: start over
         check_buffer(cfg, buffer)
         generator = torch.Generator()
         generator.set_state(tensors["rng"])

@@ -91,6 +91,7 @@ def unroll(fm: FlatModel, images: torch.Tensor, labels: torch.Tensor, lr: torch.
            start: torch.Tensor, target: torch.Tensor, plan: Plan, aug: AugConfig,
            skip_above: float | None = None) -> MatchResult:
     """Reference gradient: plain autograd through every unrolled step."""
+    plan = plan.to(images.device)  # a plan made on the CPU (make_plan's default) is fine
     x = images.detach().requires_grad_()
     y = labels.detach().requires_grad_()
     alpha = lr.detach().requires_grad_()
@@ -112,6 +113,7 @@ def recompute(fm: FlatModel, images: torch.Tensor, labels: torch.Tensor, lr: tor
               start: torch.Tensor, target: torch.Tensor, plan: Plan, aug: AugConfig,
               skip_above: float | None = None) -> MatchResult:
     """Exact gradient with activation memory independent of N (see the module docstring)."""
+    plan = plan.to(images.device)  # a plan made on the CPU (make_plan's default) is fine
     x, y, alpha = images.detach(), labels.detach(), lr.detach()
     thetas = [start.detach()]
     with torch.enable_grad():

@@ -318,8 +318,19 @@ def test_resume_refuses_other_runs_and_damaged_checkpoints(tmp_path, tiny_buffer
     d.run(checkpoint=ckpt, identity="a")
     assert Distiller.resume(ckpt, CFG, tiny_buffer, TINY_AUG, identity="b") is None
     assert Distiller.resume(ckpt, CFG, tiny_buffer, TINY_AUG, identity="a") is not None
+    # a checkpoint already past the asked end cannot be rewound: start over
+    assert Distiller.resume(ckpt, replace(CFG, iterations=1), tiny_buffer, TINY_AUG,
+                            identity="a") is None
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     assert Distiller.resume(ckpt, CFG, tiny_buffer, TINY_AUG, identity="a") is None
+
+
+def test_digest_ignores_where_a_run_stops_but_not_what_it_does():
+    # more iterations continue the same run, so its checkpoint must still be found
+    assert CFG.digest("x") == replace(CFG, iterations=CFG.iterations + 50).digest("x")
+    assert CFG.digest("x") == replace(CFG, checkpoint_every=7, grid_every=9).digest("x")
+    assert CFG.digest("x") != replace(CFG, lr_img=CFG.lr_img * 2).digest("x")
+    assert CFG.digest("x") != CFG.digest("y")
 
 
 def test_unroll_mode_gives_the_same_run(tiny_buffer, tiny_data):

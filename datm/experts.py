@@ -1,7 +1,9 @@
 """Expert trajectories: K networks trained on the real data, parameters saved after every epoch.
 
-Experts train in groups as one batched model (torch.func.vmap over stacked flat parameters), so
-a GPU is kept busy by small ConvNets; a group of one is the plain one-at-a-time loop. Each
+Experts can train in groups as one batched model (torch.func.vmap over stacked flat parameters),
+meant to keep a GPU busy with small ConvNets; a group of one is the plain one-at-a-time loop.
+On an H100 one width-128 ConvNet at batch 256 already saturates the GPU (batched x8: 0.95x the
+images/s at 8x the memory, bench/RESULTS.md), so every profile uses groups of one. Each
 finished expert is one safetensors file, written atomically, so a killed run resumes at the
 next unfinished expert and never recomputes a finished one.
 """

@@ -58,8 +58,10 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = Fa
         summary = pipeline.distill(p, pa, ipc, on_event, fresh=fresh)
         tracker.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))},
                         summary["iterations"])
-    common.console.print(f"[green]distill ipc {ipc}:[/] {summary['iterations']} iterations in "
-                         f"{summary['seconds']:.0f}s, final loss {summary['final_loss']:.4f}, "
+    done = summary["iterations"] - summary["resumed_at"]
+    resumed = f" (resumed at {summary['resumed_at']})" if summary["resumed_at"] else ""
+    common.console.print(f"[green]distill ipc {ipc}:[/] {summary['iterations']} iterations{resumed}, "
+                         f"{done} in {summary['seconds']:.0f}s, final loss {summary['final_loss']:.4f}, "
                          f"lr {summary['learned_lr']:.5f}, skipped {summary['skipped']}")
     return summary
 

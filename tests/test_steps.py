@@ -133,6 +133,12 @@ def test_distill_evaluate_export_in_process(project, tmp_path):
     assert torch.equal(pipeline.load_distilled(project.distilled(2))[0]["images"],
                        tensors["images"])
 
+    # more iterations continue the same run from its checkpoint
+    raw = tiny_raw()
+    raw["distill"]["defaults"]["iterations"] = 5
+    more = pipeline.distill(Params.from_dict(raw), project, 2)
+    assert more["resumed_at"] == 3 and more["iterations"] == 5
+
     ev = pipeline.evaluate_ipc(params, project, 2)
     assert json.loads(project.evaluation(2).read_text()) == ev
     assert 0 <= ev["distilled"] <= 1 and 0 <= ev["random_real"] <= 1

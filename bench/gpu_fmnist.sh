@@ -14,6 +14,17 @@ export DATM_TRACKING=off PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4
 mkdir -p "$LOGS"
 ipcs=$($PY -c "from datm.config import load_params; print(*load_params('$P').ipcs)")
 stamp() { echo "[$(date +%T)] $*"; }
+# `side_by_side NAME CMD...`: CMD --ipc N --params P for every IPC at once (they share the GPU),
+# logging to $LOGS/NAME_N.log.
+side_by_side() {
+  local name=$1 pids=() ipc pid
+  shift
+  for ipc in $ipcs; do
+    "$@" --ipc "$ipc" --params "$P" >"$LOGS/${name}_$ipc.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || stamp "$name: pid $pid exit $?"; done
+}
 
 case "${1:-}" in
 experts)
@@ -36,13 +47,7 @@ experts)
   ;;
 distill)
   stamp "distill@{$ipcs} side by side (time box ${DISTILL_S:-300} s)"
-  pids=()
-  for ipc in $ipcs; do
-    timeout -s INT "${DISTILL_S:-300}" $PY -m stages.distill --ipc "$ipc" --params "$P" \
-      >"$LOGS/distill_$ipc.log" 2>&1 &
-    pids+=($!)
-  done
-  for pid in "${pids[@]}"; do wait "$pid"; done
+  side_by_side distill timeout -s INT "${DISTILL_S:-300}" $PY -m stages.distill
   # A run stopped by the time box ends at its last checkpoint: the same run with `iterations`
   # set there resumes at its end and writes the distilled set.
   for ipc in $ipcs; do
@@ -52,7 +57,7 @@ import sys, yaml
 from datm import artifacts
 from datm.distill import CHECKPOINT
 params, ipc, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-_, meta = artifacts.load(f"checkpoints/distill_ipc_{ipc}.safetensors", CHECKPOINT)
+meta = artifacts.read_meta(f"checkpoints/distill_ipc_{ipc}.safetensors", CHECKPOINT)
 raw = yaml.safe_load(open(params))
 raw["distill"]["ipc"][ipc]["iterations"] = meta["iteration"]
 yaml.safe_dump(raw, open(out, "w"))
@@ -64,12 +69,7 @@ PYEOF
   tail -n 2 "$LOGS"/distill_*.log
   ;;
 evaluate)
-  pids=()
-  for ipc in $ipcs; do
-    $PY -m stages.evaluate --ipc "$ipc" --params "$P" >"$LOGS/evaluate_$ipc.log" 2>&1 &
-    pids+=($!)
-  done
-  for pid in "${pids[@]}"; do wait "$pid" || stamp "evaluate pid $pid failed"; done
+  side_by_side evaluate $PY -m stages.evaluate
   stamp "evaluate done"
   $PY -m stages.summary --params "$P" >"$LOGS/summary.log" 2>&1
   stamp "summary exit $?"

@@ -167,7 +167,7 @@ class Distiller:
         ends = self.buffer.epochs_of(expert, [start_epoch, start_epoch + cfg.expert_epochs])
         start, target = ends.to(self.images.device).unbind(0)
         plan = make_plan(self.images.shape[0], cfg.batch_syn or self.images.shape[0],
-                         cfg.syn_steps, self.images.shape[-1], self.aug, gen).to(self.images.device)
+                         cfg.syn_steps, self.images.shape[-1], self.aug, gen)
         with numerics(cfg.precision, self.images.device):
             result = match(cfg.mode, self.fm, self.images, self.labels, self.lr, start, target,
                            plan, self.aug, skip_above=cfg.threshold)

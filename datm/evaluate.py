@@ -24,7 +24,7 @@ ARCHS = ("convnet", "convnet_bn", "resnet18")
 class EvalConfig:
     models: int = 5               # fresh networks per set; mean and std are over these
     epochs: int = 1000
-    batch: int = 256
+    batch: int = 256              # of the distilled and random sets (the full set: fullset_batch)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr: float = 0.0               # 0: the distilled set's learned lr (times lr_scale)
@@ -34,14 +34,15 @@ class EvalConfig:
     augment: bool = True
     fullset_epochs: int = 30
     fullset_lr: float = 0.01
+    fullset_batch: int = 256
     fullset_models: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got '{self.arch}'")
-        if self.models < 1 or self.epochs < 1 or self.batch < 1:
-            raise ValueError("models, epochs and batch must be >= 1")
+        if min(self.models, self.epochs, self.batch, self.fullset_batch) < 1:
+            raise ValueError("models, epochs, batch and fullset_batch must be >= 1")
 
 
 def distilled_lr(cfg: EvalConfig, learned: float) -> float:

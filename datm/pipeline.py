@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -160,19 +160,22 @@ def fullset(params: Params, paths: Paths, callback: Callback = _quiet) -> dict:
     """Accuracy of the evaluation network trained on the whole real training set."""
     cfg = params.evaluate
     md = model_data(paths, params.torch_device())
+    # Its own batch: the small sets' batch (a few SGD steps per epoch) would make 60k images slow.
+    full_cfg = replace(cfg, batch=cfg.fullset_batch)
     result = evaluate.evaluate_set(_eval_spec(params, md), md.x, md.y, cfg.fullset_lr,
-                                   cfg.fullset_epochs, cfg.fullset_models, cfg, params.augment,
-                                   md.x_test, md.y_test, cfg.seed + 17, callback)
+                                   cfg.fullset_epochs, cfg.fullset_models, full_cfg,
+                                   params.augment, md.x_test, md.y_test, cfg.seed + 17, callback)
     summary = {"full_dataset": result["mean"],
-               "runs": _runs("full dataset", result, cfg.fullset_lr, cfg.fullset_epochs, cfg.arch)}
+               "runs": _runs("full dataset", result, cfg.fullset_lr, cfg.fullset_epochs, full_cfg)}
     write_json(paths.fullset, summary)
     return summary
 
 
-def _runs(name: str, result: dict, lr: float, epochs: int, arch: str) -> list[dict]:
+def _runs(name: str, result: dict, lr: float, epochs: int, cfg: evaluate.EvalConfig) -> list[dict]:
     """One record per trained model, for the metrics files' "runs" list."""
     return [{"set": name, "model": k, "acc": acc, "seconds": sec, "lr": lr, "epochs": epochs,
-             "arch": arch} for k, (acc, sec) in enumerate(zip(result["accs"], result["seconds"]))]
+             "batch": cfg.batch, "arch": cfg.arch}
+            for k, (acc, sec) in enumerate(zip(result["accs"], result["seconds"]))]
 
 
 def load_distilled(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -202,8 +205,8 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = _q
                "random_real": rand["mean"], "random_real_std": rand["std"],
                "full_dataset": full.get("full_dataset"),
                "matching_loss": meta["summary"]["final_loss"],
-               "runs": _runs("distilled", dist, lr, cfg.epochs, cfg.arch)
-               + _runs("random real", rand, cfg.random_lr, cfg.epochs, cfg.arch)}
+               "runs": _runs("distilled", dist, lr, cfg.epochs, cfg)
+               + _runs("random real", rand, cfg.random_lr, cfg.epochs, cfg)}
     write_json(paths.evaluation(ipc), summary)
     return summary
 

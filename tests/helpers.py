@@ -137,7 +137,7 @@ def tiny_params(name: str = "fashion_mnist", root: str = "standin", zca: bool = 
                          "grid_every": 2},
         },
         "evaluate": {"models": 1, "epochs": 2, "batch": 32, "arch": "convnet",
-                     "fullset_epochs": 1, "fullset_lr": 0.05},
+                     "fullset_epochs": 1, "fullset_lr": 0.05, "fullset_batch": 64},
     }
     params = _overlay(shipped_params(), tiny)
     params["distill"]["ipc"] = {

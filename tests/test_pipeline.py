@@ -184,6 +184,9 @@ def test_repro_builds_every_artifact(e2e):
         assert ev["ipc"] == ipc and 0 <= ev["distilled"] <= 1 and 0 <= ev["random_real"] <= 1
         assert ev["full_dataset"] is not None
         assert [r["set"] for r in ev["runs"]] == ["distilled", "random real"]
+        assert {r["batch"] for r in ev["runs"]} == {e2e.params()["evaluate"]["batch"]}
+    full = json.loads((root / "metrics/fullset.json").read_text())
+    assert {r["batch"] for r in full["runs"]} == {e2e.params()["evaluate"]["fullset_batch"]}
 
     report = (root / "reports/summary.md").read_text()
     assert re.search(r"^\| 1 \|", report, flags=re.M) and re.search(r"^\| 2 \|", report,
@@ -256,7 +259,9 @@ def test_dvc_status_sees_exactly_the_changed_stage(e2e):
                               (("distill", "ipc", 1, "syn_steps"), "distill@1"),
                               (("buffers", "lr"), "buffers"),
                               (("zca", "eps"), "zca"),
-                              (("evaluate", "epochs"), {"evaluate@1", "evaluate@2"})):
+                              (("evaluate", "epochs"), {"evaluate@1", "evaluate@2"}),
+                              (("evaluate", "batch"), {"evaluate@1", "evaluate@2"}),
+                              (("evaluate", "fullset_batch"), "fullset")):
             params = e2e.params()
             node = params
             for key in change[:-1]:

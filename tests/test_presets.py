@@ -118,7 +118,8 @@ def test_preset_runs_on_standin_data(preset: Path, tmp_path: Path) -> None:
     pipeline.fit_zca(params, paths)
     buffers = pipeline.buffers(params, paths)
     assert {r["epochs"] for r in buffers["runs"]} == {published.buffers.epochs}
-    pipeline.fullset(params, paths)
+    full = pipeline.fullset(params, paths)
+    assert {r["batch"] for r in full["runs"]} == {published.evaluate.fullset_batch}
 
     buffer = ExpertBuffer.open(paths.buffers)
     for ipc in published.ipcs:  # every IPC's window fits the preset's buffer length

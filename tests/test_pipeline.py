@@ -260,8 +260,11 @@ def test_dvc_status_sees_exactly_the_changed_stage(e2e):
                               (("buffers", "lr"), "buffers"),
                               (("zca", "eps"), "zca"),
                               (("evaluate", "epochs"), {"evaluate@1", "evaluate@2"}),
+                              # the small sets' batch: not the full-set run's
                               (("evaluate", "batch"), {"evaluate@1", "evaluate@2"}),
-                              (("evaluate", "fullset_batch"), "fullset")):
+                              # evaluate@N reads the `evaluate` section (and fullset.json)
+                              (("evaluate", "fullset_batch"),
+                               {"fullset", "evaluate@1", "evaluate@2"})):
             params = e2e.params()
             node = params
             for key in change[:-1]:

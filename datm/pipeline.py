@@ -160,7 +160,8 @@ def fullset(params: Params, paths: Paths, callback: Callback = _quiet) -> dict:
     """Accuracy of the evaluation network trained on the whole real training set."""
     cfg = params.evaluate
     md = model_data(paths, params.torch_device())
-    # Its own batch: the small sets' batch (a few SGD steps per epoch) would make 60k images slow.
+    # Its own batch: `batch` is sized for sets of tens to hundreds of images (a few SGD steps
+    # per epoch); on the whole training set it would mean thousands of tiny steps per epoch.
     full_cfg = replace(cfg, batch=cfg.fullset_batch)
     result = evaluate.evaluate_set(_eval_spec(params, md), md.x, md.y, cfg.fullset_lr,
                                    cfg.fullset_epochs, cfg.fullset_models, full_cfg,

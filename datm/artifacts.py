@@ -19,8 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import UserError
 
-class ArtifactError(RuntimeError):
+
+class ArtifactError(UserError):
     """A missing, corrupt or mismatched artifact; the message is meant for a user."""
 
 

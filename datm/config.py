@@ -12,11 +12,12 @@ import torch
 from .augment import AugConfig
 from .data import DataConfig
 from .distill import DistillConfig
+from .errors import UserError
 from .evaluate import EvalConfig
 from .experts import ExpertConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A params file that cannot be used; the message names the key."""
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import artifacts
+from .errors import UserError
 from .zca import ZCA
 
 KIND = "dataset"
@@ -27,7 +28,7 @@ FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """Data that cannot be found or read; the message says what to install or where to put it."""
 
 

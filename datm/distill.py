@@ -17,6 +17,7 @@ import torch
 
 from . import artifacts
 from .augment import AugConfig
+from .errors import UserError
 from .events import Callback
 from .experts import ExpertBuffer
 from .matching import MODES, make_plan, match
@@ -30,7 +31,7 @@ LABELS = ("expert", "hard")
 HISTORY_COLUMNS = ("iteration", "loss", "start_epoch", "upper_bound", "lr", "skipped")
 
 
-class DistillError(RuntimeError):
+class DistillError(UserError):
     """A setting or state that makes distillation impossible; the message is for a user."""
 
 

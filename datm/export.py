@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from . import artifacts
+from .errors import UserError
 
 FORMATS = ("safetensors", "pt", "npz", "png")
 LABELS = "labels.safetensors"
 CARD = "dataset_card.json"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError):
     """A refused or impossible export; the message is for a user."""
 
 

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from . import artifacts
+from .config import DataConfig
 from .errors import UserError
 from .zca import ZCA
 
 KIND = "dataset"
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "imagefolder")
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                   "Sneaker", "Bag", "Ankle boot"]
@@ -30,20 +30,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 class DataError(UserError):
     """Data that cannot be found or read; the message says what to install or where to put it."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    name: str = "fashion_mnist"
-    root: str = "datasets"
-    im_size: int = 0          # imagefolder only: resize to this side (0: keep 32)
-    channels: int = 3         # imagefolder only: 1 (grayscale) or 3 (RGB)
-    test_fraction: float = 0.2  # imagefolder without a test/ folder: held-out share per class
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.name not in DATASETS:
-            raise ValueError(f"data.name must be one of {DATASETS}, got '{self.name}'")
 
 
 @dataclass
@@ -82,7 +68,7 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 pixels -> float, standardized per channel."""
+    """Pixels in [0, 255] (uint8 or float) -> float, standardized per channel."""
     m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
     return (images.float() / 255.0 - m) / s
@@ -90,16 +76,23 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
 
 def to_model_space(images: torch.Tensor, mean: list[float], std: list[float],
                    zca: ZCA) -> torch.Tensor:
-    """uint8 pixels -> the (normalized, whitened) space that networks and distillation use."""
-    return zca.whiten(normalize(images, mean, std))
+    """Pixels in [0, 255] (uint8 or float) -> the space that networks and distillation use.
+
+    With ZCA: whitened raw [0, 1] pixels, no per-channel normalization (the DATM reference,
+    ALGORITHM.md section 5; the whitening centres the data itself). Without: normalized.
+    """
+    if zca.enabled:
+        return zca.whiten(images.float() / 255.0)
+    return normalize(images, mean, std)
 
 
 def to_pixels(x: torch.Tensor, mean: list[float], std: list[float], zca: ZCA) -> torch.Tensor:
-    """Model space -> float pixels in [0, 1] (de-whitened, de-normalized, clipped)."""
-    x = zca.dewhiten(x.float())
+    """Model space -> float pixels in [0, 1] (de-whitened or de-normalized, clipped)."""
+    if zca.enabled:
+        return zca.dewhiten(x.float()).clamp(0, 1)
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return (x * s + m).clamp(0, 1)
+    return (x.float() * s + m).clamp(0, 1)
 
 
 def load(cfg: DataConfig) -> tuple[Split, Split]:
@@ -141,15 +134,22 @@ def _find_idx(dirs: list[Path], stem: str) -> Path | None:
 
 
 def _fashion_mnist(root: Path, cfg: DataConfig) -> tuple[Split, Split]:
-    dirs = [root, root / "FashionMNIST" / "raw", root / "fashion-mnist", DEBIAN_FMNIST]
+    dirs = [root, root / "FashionMNIST" / "raw", root / "fashion-mnist"]
+    # Debian's copy stands in only for the default root: a root the user typed must hold the
+    # files, or a typo would silently train on whatever the system happens to have.
+    default_root = cfg.root == DataConfig.root
+    if default_root:
+        dirs.append(DEBIAN_FMNIST)
     splits = []
     for prefix in ("train", "t10k"):
         img = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
         lab = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
         if img is None or lab is None:
-            raise DataError(
-                f"Fashion-MNIST not found in {root}/FashionMNIST/raw or {DEBIAN_FMNIST}: "
-                "run `apt-get install -y dataset-fashion-mnist` or put the four idx files there")
+            where = (f"{root}/FashionMNIST/raw or {DEBIAN_FMNIST}: run `apt-get install -y "
+                     "dataset-fashion-mnist` or put the four idx files there" if default_root else
+                     f"data.root '{cfg.root}' (nor in its FashionMNIST/raw): check the path "
+                     f"(Debian's copy is used only with the default root '{DataConfig.root}')")
+            raise DataError(f"Fashion-MNIST {prefix} files not found in {where}")
         images = torch.from_numpy(_read_idx(img).copy()).unsqueeze(1)
         labels = torch.from_numpy(_read_idx(lab).astype(np.int64))
         splits.append(Split(images, labels, list(FMNIST_CLASSES), str(img.parent)))
@@ -206,11 +206,14 @@ def _torchvision_download(name: str, root: Path) -> None:
 def _read_image(path: Path, channels: int, size: int) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except OSError as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise DataError(f"cannot read image {path}: {exc}") from None
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
@@ -231,14 +234,19 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def _imagefolder(root: Path, cfg: DataConfig) -> tuple[Split, Split]:
-    if cfg.channels not in (1, 3):
-        raise DataError(f"data.channels must be 1 or 3, got {cfg.channels}")
     size = cfg.im_size or 32
     train_dir = root / "train" if (root / "train").is_dir() else root
     if not train_dir.is_dir() or not _class_dirs(train_dir):
         raise DataError(f"no class subfolders in {train_dir}: put one folder of images per class "
                         "there (optionally under train/ and test/)")
     classes = [d.name for d in _class_dirs(train_dir)]
+    if len(classes) < 2:
+        raise DataError(f"{train_dir} has {len(classes)} class folder(s): classification needs "
+                        "at least 2 (one subfolder of images per class)")
+    empty = [d for d in _class_dirs(train_dir) if not _images_in(d)]
+    if empty:
+        raise DataError(f"class folder {empty[0]} holds no images "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))}): remove it or add images")
     train_items = [(p, c) for c, d in enumerate(_class_dirs(train_dir)) for p in _images_in(d)]
     if (root / "test").is_dir():
         index = {name: c for c, name in enumerate(classes)}
@@ -254,6 +262,10 @@ def _imagefolder(root: Path, cfg: DataConfig) -> tuple[Split, Split]:
             test_items += [mine[i] for i in order[:n_test]]
             keep += [mine[i] for i in order[n_test:]]
         train_items = keep
+    for c, name in enumerate(classes):
+        if not any(label == c for _, label in train_items):
+            raise DataError(f"class '{name}' has no training images left after holding out "
+                            f"data.test_fraction {cfg.test_fraction}: add images or lower it")
     return (_stack(train_items, classes, cfg.channels, size, str(root)),
             _stack(test_items, classes, cfg.channels, size, str(root)))
 

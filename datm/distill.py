@@ -3,99 +3,39 @@
 A `Distiller` owns the whole state of a run (synthetic images, soft labels, learned lr, the
 three optimizers' momenta, the RNG, the iteration and the history), can save it to a checkpoint
 and continue from one, so an interrupted run ends bit-identical to an uninterrupted one on CPU.
+With `select_every` on, it also keeps the best set so far on a validation split of the training
+images (ALGORITHM.md section 3: never the test split), and that selection is part of the state.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 
 import torch
 
-from . import artifacts
+from . import artifacts, evaluate
 from .augment import AugConfig
+from .config import DistillConfig
 from .errors import UserError
 from .events import Callback
 from .experts import ExpertBuffer
-from .matching import MODES, make_plan, match
-from .networks import FlatModel
-from .precision import PRECISIONS, numerics
+from .matching import make_plan, match
+from .networks import FlatModel, NetSpec
+from .precision import numerics
 
 CHECKPOINT = "distill-checkpoint"
 RESULT = "distilled"
-INITS = ("real_correct", "real", "noise")
-LABELS = ("expert", "hard")
 HISTORY_COLUMNS = ("iteration", "loss", "start_epoch", "upper_bound", "lr", "skipped")
+INIT_CHUNK = 1024     # real images judged per forward pass: bounds memory at IPC 1000 / 64 px
+SELECT_SEED = 7013    # offset of the selection networks' seeds from evaluate.seed
 
 
 class DistillError(UserError):
     """A setting or state that makes distillation impossible; the message is for a user."""
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """One IPC's settings; names follow ALGORITHM.md section 4 (N, M, T-, T, T+, ...)."""
-
-    ipc: int
-    syn_steps: int = 20               # N
-    expert_epochs: int = 2            # M
-    min_start_epoch: int = 0          # T-
-    sg_start: int | None = None       # T (None: no sequential generation, U = T+)
-    max_start_epoch: int = 4          # T+
-    sg_end: int = 0                   # iterations over which U grows from T to T+
-    batch_syn: int = 0                # 0: the whole synthetic set each step
-    lr_img: float = 100.0
-    lr_y: float = 2.0
-    lr_lr: float = 1e-5
-    lr_init: float = 0.0              # 0: the experts' lr
-    iterations: int = 100
-    threshold: float = 1.0
-    init: str = "real_correct"
-    labels: str = "expert"            # expert logits (DATM) or hard one-hot (always, for noise)
-    learn_labels: bool = True
-    mode: str = "recompute"
-    precision: str = "float32"        # float32 | tf32 (CUDA) | bf16 autocast; see bench/precision.py
-    seed: int = 0
-    checkpoint_every: int = 25
-    grid_every: int = 100             # iterations between image grids in MLflow
-    max_nonfinite: int = 10           # consecutive NaN/inf losses before giving up
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.ipc >= 1, "ipc must be >= 1"),
-            (self.syn_steps >= 1 and self.expert_epochs >= 1, "syn_steps and expert_epochs must be >= 1"),
-            (0 <= self.min_start_epoch < self.max_start_epoch,
-             f"need 0 <= T- ({self.min_start_epoch}) < T+ ({self.max_start_epoch})"),
-            (self.sg_start is None or self.min_start_epoch < self.sg_start <= self.max_start_epoch,
-             f"SG start T ({self.sg_start}) must lie in (T-, T+]"),
-            (self.sg_start is None or self.sg_end >= 1, "sg_end must be >= 1 with sequential generation"),
-            (self.iterations >= 0 and self.checkpoint_every >= 1, "iterations >= 0, checkpoint_every >= 1"),
-            (self.init in INITS, f"init must be one of {INITS}"),
-            (self.labels in LABELS, f"labels must be one of {LABELS}"),
-            (self.mode in MODES, f"mode must be one of {MODES}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"distill ipc {self.ipc}: {message}")
-
-    @property
-    def last_epoch_needed(self) -> int:
-        """Start epochs are drawn below T+, so the deepest epoch read is T+ - 1 + M."""
-        return self.max_start_epoch - 1 + self.expert_epochs
-
-    def digest(self, extra: str = "") -> str:
-        """Identity of a run; settings that do not change its result are left out.
-
-        `iterations` only says where to stop (no schedule depends on it), so a run given more
-        iterations resumes from its checkpoint instead of starting over.
-        """
-        skip = ("checkpoint_every", "grid_every", "iterations")
-        keep = {k: v for k, v in asdict(self).items() if k not in skip}
-        return hashlib.sha256(json.dumps([keep, extra], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def upper_bound(cfg: DistillConfig, iteration: int) -> int:
@@ -111,6 +51,15 @@ def check_buffer(cfg: DistillConfig, buffer: ExpertBuffer) -> None:
         raise DistillError(
             f"distill ipc {cfg.ipc} reads expert epochs up to T+ - 1 + M = {cfg.last_epoch_needed}, "
             f"but the experts hold only {buffer.epochs}: raise buffers.epochs or lower T+ / M")
+    if cfg.label_epoch > buffer.epochs:
+        raise DistillError(
+            f"distill ipc {cfg.ipc}: label_epoch {cfg.label_epoch} is past the experts' last epoch "
+            f"{buffer.epochs}: use -1 (the last epoch) or at most {buffer.epochs}")
+
+
+def label_epoch(cfg: DistillConfig, buffer: ExpertBuffer) -> int:
+    """The experts' epoch that judges initial images and gives soft labels (-1: the last)."""
+    return buffer.epochs if cfg.label_epoch < 0 else cfg.label_epoch
 
 
 def _hard_logits(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -124,6 +73,30 @@ class _Momenta:
     images: torch.Tensor
     labels: torch.Tensor
     lr: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What judging a set needs: the evaluation recipe and images held out of the TRAINING split.
+
+    Deliberately no test split here: choosing among sets by test accuracy (as the reference
+    does) makes the reported test accuracy optimistic.
+    """
+
+    spec: NetSpec                  # the evaluation network
+    eval_cfg: evaluate.EvalConfig  # the evaluation recipe (its lr rule, batch, momentum, ...)
+    aug: AugConfig
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+@dataclass
+class _Best:
+    images: torch.Tensor
+    labels: torch.Tensor
+    lr: torch.Tensor
+    iteration: int
+    val_acc: float
 
 
 @dataclass
@@ -141,22 +114,30 @@ class Distiller:
     nonfinite: int = 0
     nonfinite_run: int = 0
     history: list[list[float]] = field(default_factory=list)
+    init_report: dict = field(default_factory=dict)   # how the initial set was chosen
+    selection: Selection | None = None                # inputs, not state: given at create/resume
+    best: _Best | None = None                         # the best set on the validation split so far
+    selections: list[list[float]] = field(default_factory=list)  # [iteration, val accuracy]
 
     def __post_init__(self) -> None:
         self.fm = FlatModel(self.buffer.spec, self.images.device).train(True)
+        if self.cfg.select_every and self.selection is None:
+            raise DistillError(f"distill ipc {self.cfg.ipc}: select_every needs a validation "
+                               "split (a Selection); set select_every: 0 to keep the final set")
 
     # --- construction ---------------------------------------------------------------------
 
     @classmethod
     def create(cls, cfg: DistillConfig, buffer: ExpertBuffer, x_real: torch.Tensor,
-               y_real: torch.Tensor, aug: AugConfig) -> Distiller:
+               y_real: torch.Tensor, aug: AugConfig, selection: Selection | None = None) -> Distiller:
         """Fresh state: initial images and labels from real data and the experts."""
         check_buffer(cfg, buffer)
         generator = torch.Generator().manual_seed(cfg.seed)
-        images, labels = initialize(cfg, buffer, x_real, y_real, generator)
+        images, labels, report = initialize(cfg, buffer, x_real, y_real, generator)
         lr = torch.tensor(cfg.lr_init or buffer.lr, device=x_real.device)
         momenta = _Momenta(torch.zeros_like(images), torch.zeros_like(labels), torch.zeros_like(lr))
-        return cls(cfg, buffer, aug, images, labels, lr, generator, momenta)
+        return cls(cfg, buffer, aug, images, labels, lr, generator, momenta,
+                   init_report=report, selection=selection)
 
     # --- one iteration --------------------------------------------------------------------
 
@@ -208,14 +189,50 @@ class Distiller:
 
     def run(self, callback: Callback | None = None, checkpoint: str | Path | None = None,
             identity: str = "") -> None:
-        """Iterate to `cfg.iterations`, checkpointing every `checkpoint_every` iterations."""
-        while self.iteration < self.cfg.iterations:
+        """Iterate to `cfg.iterations`, checkpointing every `checkpoint_every` iterations.
+
+        With selection on, the set is judged every `select_every` iterations and at the end,
+        before that iteration's checkpoint, and a checkpoint follows every judgment so a kill
+        never throws the (slow) evaluation away. The iteration's event then carries `val_acc`.
+        A run later given more iterations keeps its old end among the candidates.
+        """
+        cfg = self.cfg
+        while self.iteration < cfg.iterations:
             info = self.step()
-            if checkpoint and (self.iteration % self.cfg.checkpoint_every == 0
-                               or self.iteration == self.cfg.iterations):
+            judged = bool(cfg.select_every) and (self.iteration % cfg.select_every == 0
+                                                 or self.iteration == cfg.iterations)
+            if judged:
+                info["val_acc"] = self.select()
+            if checkpoint and (judged or self.iteration % cfg.checkpoint_every == 0
+                               or self.iteration == cfg.iterations):
                 self.save_checkpoint(checkpoint, identity)
             if callback:
                 callback(info)
+
+    # --- selection on the validation split ------------------------------------------------
+
+    def select(self) -> float:
+        """Judge the current set on the validation split; keep it if it beats the best so far.
+
+        Fresh evaluation networks (the evaluation recipe, `select_epochs`, `select_models`) train
+        on the set at lr = learned lr x lr_scale. Every judgment uses the same network seeds, so
+        sets are compared on equal terms; a tie keeps the earlier set, as the reference does.
+        The evaluation has its own generators: the distillation's RNG stream is untouched.
+        """
+        cfg, sel = self.cfg, self.selection
+        assert sel is not None  # __post_init__ refuses select_every without a selection
+        lr = evaluate.distilled_lr(sel.eval_cfg, float(self.lr))
+        acc = float("nan")  # a diverged set (lr or images not finite) is never chosen
+        if math.isfinite(lr) and lr > 0 and bool(torch.isfinite(self.images).all()):
+            acc = evaluate.evaluate_set(sel.spec, self.images.detach(), self.labels.detach(), lr,
+                                        cfg.select_epochs, cfg.select_models, sel.eval_cfg,
+                                        sel.aug, sel.x_val, sel.y_val,
+                                        sel.eval_cfg.seed + SELECT_SEED)["mean"]
+        self.selections.append([self.iteration, acc])
+        if math.isfinite(acc) and (self.best is None or acc > self.best.val_acc):
+            self.best = _Best(self.images.clone(), self.labels.clone(), self.lr.clone(),
+                              self.iteration, acc)
+        return acc
 
     # --- persistence ----------------------------------------------------------------------
 
@@ -224,17 +241,28 @@ class Distiller:
         return {"images": self.images, "labels": self.labels, "lr": self.lr.reshape(1),
                 "history": history}
 
+    def _selection_meta(self) -> dict:
+        best = self.best
+        return {"every": self.cfg.select_every, "history": self.selections,
+                "iteration": best.iteration if best else None,
+                "val_acc": best.val_acc if best else None}
+
     def save_checkpoint(self, path: str | Path, identity: str = "") -> None:
         tensors = {**self._tensors(), "m_images": self.momenta.images,
                    "m_labels": self.momenta.labels, "m_lr": self.momenta.lr.reshape(1),
                    "rng": self.generator.get_state()}
+        if self.best is not None:
+            tensors.update(best_images=self.best.images, best_labels=self.best.labels,
+                           best_lr=self.best.lr.reshape(1))
         meta = {"identity": identity, "iteration": self.iteration, "skipped": self.skipped,
-                "nonfinite": self.nonfinite, "nonfinite_run": self.nonfinite_run}
+                "nonfinite": self.nonfinite, "nonfinite_run": self.nonfinite_run,
+                "init": self.init_report, "selection": self._selection_meta()}
         artifacts.save(path, tensors, CHECKPOINT, meta)
 
     @classmethod
     def resume(cls, path: str | Path, cfg: DistillConfig, buffer: ExpertBuffer, aug: AugConfig,
-               identity: str = "", device: torch.device | str = "cpu") -> Distiller | None:
+               identity: str = "", device: torch.device | str = "cpu",
+               selection: Selection | None = None) -> Distiller | None:
         """The state saved at `path`, or None if there is none for this exact run."""
         if not Path(path).exists():
             return None
@@ -250,61 +278,153 @@ class Distiller:
         to = lambda t: t.to(device)  # noqa: E731
         momenta = _Momenta(to(tensors["m_images"]), to(tensors["m_labels"]),
                            to(tensors["m_lr"].reshape(())))
+        chosen = meta.get("selection") or {}
+        best = None
+        if "best_images" in tensors:
+            best = _Best(to(tensors["best_images"]), to(tensors["best_labels"]),
+                         to(tensors["best_lr"].reshape(())), chosen["iteration"],
+                         chosen["val_acc"])
         return cls(cfg, buffer, aug, to(tensors["images"]), to(tensors["labels"]),
                    to(tensors["lr"].reshape(())), generator, momenta, meta["iteration"],
                    meta["skipped"], meta["nonfinite"], meta["nonfinite_run"],
-                   tensors["history"].tolist())
+                   tensors["history"].tolist(), init_report=meta.get("init", {}),
+                   selection=selection, best=best, selections=chosen.get("history", []))
 
     def save_result(self, path: str | Path, meta: dict) -> Path:
+        """The result: the final set, or with selection on the best one on the validation split.
+
+        `iteration` stays the number of iterations run; `selection.iteration` names the one kept.
+        """
         full = {"ipc": self.cfg.ipc, "iteration": self.iteration, "skipped": self.skipped,
                 "nonfinite": self.nonfinite, "settings": asdict(self.cfg),
                 "aug": asdict(self.aug), "spec": self.buffer.spec.to_dict(),
-                "history_columns": list(HISTORY_COLUMNS), **meta}
-        return artifacts.save(path, self._tensors(), RESULT, full)
+                "history_columns": list(HISTORY_COLUMNS), "init": self.init_report, **meta}
+        tensors = self._tensors()
+        if self.cfg.select_every:
+            full["selection"] = self._selection_meta()
+        if self.best is not None:
+            tensors.update(images=self.best.images, labels=self.best.labels,
+                           lr=self.best.lr.reshape(1))
+        return artifacts.save(path, tensors, RESULT, full)
 
 
 # --- initialization ----------------------------------------------------------------------------
 
 @torch.no_grad()
 def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: torch.Tensor,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Initial synthetic images [C*ipc, ...] (class-major) and label logits [C*ipc, C]."""
+               generator: torch.Generator, chunk: int = INIT_CHUNK
+               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Initial images [C*ipc, ...] (class-major), label logits [C*ipc, C] and a report of how.
+
+    The experts judge and label at `label_epoch` (-1: their last epoch; ALGORITHM.md section 3).
+    - real_correct: per class, scan its images in random order with one expert and keep the
+      first ipc it classifies correctly; an expert that finds fewer in the whole class hands
+      over to the next one (a seeded order, restarted for every class). Only when no expert
+      finds ipc does the class fall back: the correct images of the expert that found most,
+      then other images of the class; the report marks that class `fallback`.
+    - real: random images of each class. Their soft labels are the logits of ONE expert
+      (a seeded choice), as the reference's CIFAR-100 IPC 50 config (`pix_init: real`) does.
+    - noise: Gaussian images with hard labels (nothing for experts to judge).
+    Soft labels of real_correct: per image, the mean logits of the experts that classify it
+    correctly (`expert_logits`). `chunk` bounds how many images go through a network at once.
+    """
     num_classes = buffer.spec.num_classes
     if cfg.init == "noise":
         # Noise has no class content for experts to judge: its labels are the hard classes.
         images = torch.randn(num_classes * cfg.ipc, *x.shape[1:], generator=generator)
         class_ids = torch.arange(num_classes).repeat_interleave(cfg.ipc)
-        return images.to(x.device), _hard_logits(class_ids, num_classes).to(x.device)
+        return (images.to(x.device), _hard_logits(class_ids, num_classes).to(x.device),
+                {"init": "noise"})
     per_class = [torch.nonzero(y == c).flatten() for c in range(num_classes)]
     short = [(c, len(i)) for c, i in enumerate(per_class) if len(i) < cfg.ipc]
     if short:
         c, n = short[0]
         raise DistillError(f"IPC {cfg.ipc} needs {cfg.ipc} real images per class, but class {c} "
                            f"has {n}: lower the IPC or use init: noise")
-    epoch = min(cfg.max_start_epoch, buffer.epochs)
+    epoch = label_epoch(cfg, buffer)
     fm = FlatModel(buffer.spec, x.device).train(True)
-    thetas = torch.cat([buffer.epochs_of(k, [epoch]) for k in range(len(buffer))]).to(x.device)
-    reference = int(torch.randint(len(buffer), (1,), generator=generator))
-    chosen = []
+    theta = cache(lambda k: buffer.epochs_of(k, [epoch])[0].to(x.device))  # read each once
+    # Drawn whatever `labels` is, so hard and soft labels start from the same images.
+    experts = torch.randperm(len(buffer), generator=generator).tolist()
+    report: dict = {"init": cfg.init, "label_epoch": epoch}
+    chosen, classes = [], []
     for c, idx in enumerate(per_class):
         order = idx[torch.randperm(len(idx), generator=generator).to(idx.device)]
-        if cfg.init == "real_correct":
-            pool = order[: max(8 * cfg.ipc, 256)]
-            right = fm(thetas[reference], x[pool]).argmax(1) == c
-            # Correct ones first (in random order), then the rest if a class has too few.
-            order = torch.cat([pool[right], pool[~right], order[len(pool):]])
-        chosen.append(order[: cfg.ipc])
+        if cfg.init == "real":
+            chosen.append(order[: cfg.ipc])
+            continue
+        picked, record = _correct_images(fm, theta, experts, x, order, c, cfg.ipc, chunk)
+        chosen.append(picked)
+        classes.append(record)
     index = torch.cat(chosen)
     images = x[index].clone()
+    if cfg.init == "real":
+        report["expert"] = experts[0] if cfg.labels == "expert" else None
+    else:
+        report.update(expert_order=experts, classes=classes,
+                      fallback_classes=[r["class"] for r in classes if r["fallback"]])
     if cfg.labels == "hard":
-        return images, _hard_logits(y[index], num_classes).to(x.device)
-    return images, expert_logits(fm, thetas, x[index], y[index])
+        return images, _hard_logits(y[index], num_classes).to(x.device), report
+    if cfg.init == "real":
+        return images, _logits(fm, theta(experts[0]), images, chunk), report
+    thetas = [theta(k) for k in range(len(buffer))]
+    return images, expert_logits(fm, thetas, images, y[index], chunk), report
 
 
-def expert_logits(fm: FlatModel, thetas: torch.Tensor, x: torch.Tensor,
-                  y: torch.Tensor) -> torch.Tensor:
-    """Per image, the mean logits of the experts that classify it correctly (all if none do)."""
-    logits = torch.stack([fm(t, x) for t in thetas])                  # [K, n, C]
-    right = (logits.argmax(-1) == y).float()                          # [K, n]
-    weight = torch.where(right.sum(0, keepdim=True) > 0, right, torch.ones_like(right))
-    return (logits * weight[..., None]).sum(0) / weight.sum(0)[:, None]
+def _correct_images(fm: FlatModel, theta: Callable[[int], torch.Tensor], experts: list[int],
+                    x: torch.Tensor, order: torch.Tensor, c: int, ipc: int,
+                    chunk: int) -> tuple[torch.Tensor, dict]:
+    """`ipc` images of class `c` (indices into x) that one expert classifies correctly.
+
+    Scans `order` chunk by chunk and stops as soon as enough are found; tries `experts` in turn.
+    """
+    best, best_k, tried = order[:0], experts[0], []
+    for k in experts:
+        found, scanned = [], 0
+        for start in range(0, len(order), chunk):
+            part = order[start:start + chunk]
+            found.append(part[_logits(fm, theta(k), x[part], chunk).argmax(1) == c])
+            scanned += len(part)
+            if sum(len(f) for f in found) >= ipc:
+                break
+        right = torch.cat(found)
+        tried.append(k)
+        if len(right) >= ipc:
+            return right[:ipc], {"class": c, "expert": k, "tried": tried, "found": len(right),
+                                 "scanned": scanned, "fallback": False}
+        if len(right) > len(best):
+            best, best_k = right, k
+    # No expert finds ipc: the most any expert got right, then the rest in scan order.
+    rest = order[~torch.isin(order, best)]
+    picked = torch.cat([best, rest])[:ipc]
+    return picked, {"class": c, "expert": best_k, "tried": tried, "found": len(best),
+                    "scanned": len(order), "fallback": True}
+
+
+def _logits(fm: FlatModel, theta: torch.Tensor, x: torch.Tensor, chunk: int = INIT_CHUNK
+            ) -> torch.Tensor:
+    return torch.cat([fm(theta, x[s:s + chunk]) for s in range(0, x.shape[0], chunk)])
+
+
+@torch.no_grad()
+def expert_logits(fm: FlatModel, thetas: Sequence[torch.Tensor], x: torch.Tensor,
+                  y: torch.Tensor, chunk: int = INIT_CHUNK) -> torch.Tensor:
+    """Per image, the mean logits of the experts that classify it correctly (all if none do).
+
+    Sums expert by expert over chunks of images: memory stays at one chunk's [chunk, C] sums
+    instead of [K, n, C] logits (100 experts x 10,000 images x 200 classes at Tiny IPC 50).
+    """
+    out = []
+    for s in range(0, x.shape[0], chunk):
+        xs, ys = x[s:s + chunk], y[s:s + chunk]
+        every = torch.zeros(xs.shape[0], fm.spec.num_classes, device=x.device)
+        right_sum = torch.zeros_like(every)
+        right_n = torch.zeros(xs.shape[0], 1, device=x.device)
+        for theta in thetas:
+            logits = fm(theta, xs)
+            right = (logits.argmax(-1) == ys).float()[:, None]
+            every = every + logits
+            right_sum = right_sum + logits * right
+            right_n = right_n + right
+        out.append(torch.where(right_n > 0, right_sum / right_n.clamp_min(1), every / len(thetas)))
+    return torch.cat(out)

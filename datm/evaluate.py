@@ -8,41 +8,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from .augment import AugConfig, augment
+from .config import EvalConfig
+from .errors import UserError
 from .events import Callback
 from .networks import NetSpec, build, soft_cross_entropy
-
-ARCHS = ("convnet", "convnet_bn", "resnet18")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    models: int = 5               # fresh networks per set; mean and std are over these
-    epochs: int = 1000
-    batch: int = 256              # of the distilled and random sets (the full set: fullset_batch)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr: float = 0.0               # 0: the distilled set's learned lr (times lr_scale)
-    lr_scale: float = 1.0         # multiplies the learned lr; 1 is the paper's protocol
-    random_lr: float = 0.01       # lr of the random-real-subset baseline
-    arch: str = "convnet"
-    augment: bool = True
-    fullset_epochs: int = 30
-    fullset_lr: float = 0.01
-    fullset_batch: int = 256
-    fullset_models: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got '{self.arch}'")
-        if min(self.models, self.epochs, self.batch, self.fullset_batch) < 1:
-            raise ValueError("models, epochs, batch and fullset_batch must be >= 1")
 
 
 def distilled_lr(cfg: EvalConfig, learned: float) -> float:
@@ -78,7 +53,8 @@ def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: fl
     SGD with momentum and weight decay, lr x0.1 at half the epochs, DSA on each batch.
     """
     if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"evaluation lr must be a positive number, got {lr}")
+        raise UserError(f"evaluation lr must be a positive number, got {lr} (a diverged "
+                        "distillation, or evaluate.lr / lr_scale)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build(spec).to(x.device)
@@ -132,3 +108,17 @@ def random_subset(y: torch.Tensor, ipc: int, num_classes: int, seed: int) -> tor
         idx = torch.nonzero(y == c).flatten()
         chosen.append(idx[torch.randperm(len(idx), generator=gen)[:ipc].to(idx.device)])
     return torch.cat(chosen)
+
+
+VALIDATION_SEED = 6151  # offset: the validation split is not the random-real baseline's draw
+
+
+def validation_subset(y: torch.Tensor, per_class: int, num_classes: int,
+                      seed: int = 0) -> torch.Tensor:
+    """Indices of `per_class` TRAINING images per class (all of a smaller class), fixed by `seed`.
+
+    What a distillation may select its sets on: images of the training split, never of the
+    test split. They stay in the training data too (the experts saw them); the selection only
+    needs them to be away from the test split.
+    """
+    return random_subset(y, per_class, num_classes, seed + VALIDATION_SEED)

@@ -21,6 +21,7 @@ from datm.distill import (
     initialize,
     upper_bound,
 )
+from datm.experts import ExpertBuffer
 from datm.matching import MatchResult
 from datm.networks import FlatModel
 
@@ -131,8 +132,8 @@ def test_ipc_larger_than_a_class_is_refused(tiny_buffer, tiny_data, init):
     with pytest.raises(DistillError):
         Distiller.create(cfg, tiny_buffer, x, y, TINY_AUG)
     # exactly as many as the class has is fine
-    images, labels = initialize(replace(cfg, ipc=3), tiny_buffer, x, y,
-                                torch.Generator().manual_seed(0))
+    images, labels, _ = initialize(replace(cfg, ipc=3), tiny_buffer, x, y,
+                                   torch.Generator().manual_seed(0))
     assert images.shape[0] == labels.shape[0] == 9
 
 
@@ -140,7 +141,8 @@ def test_noise_init_gives_ipc_images_per_class_even_for_a_short_class(tiny_buffe
     """The error above suggests `init: noise` for such data: it must still give C x IPC images."""
     x, y = _short_class(tiny_data, keep=3)
     cfg = DistillConfig(ipc=4, init="noise", max_start_epoch=2)
-    images, labels = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
+    images, labels, report = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
+    assert report == {"init": "noise"}
     assert images.shape == (3 * 4, 1, 8, 8)
     assert labels.shape == (3 * 4, 3)
 
@@ -165,7 +167,8 @@ def test_initialize_is_class_major_real_images_with_expert_labels(tiny_buffer, t
     x, y, _, _ = tiny_data
     cfg = DistillConfig(ipc=3, init=init, max_start_epoch=3)
     with torch.no_grad():
-        images, labels = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(1))
+        images, labels, report = initialize(cfg, tiny_buffer, x, y,
+                                            torch.Generator().manual_seed(1))
     assert images.shape == (9, 1, 8, 8) and labels.shape == (9, 3)
     assert images.dtype == labels.dtype == torch.float32
     classes = torch.arange(3).repeat_interleave(3)
@@ -176,39 +179,46 @@ def test_initialize_is_class_major_real_images_with_expert_labels(tiny_buffer, t
         assert int(y[match[0]]) == int(c), "not class-major"
         used.append(int(match[0]))
     assert len(set(used)) == 9  # no image chosen twice
-    # soft labels: the experts' averaged logits (at some epoch of the window's end region)
-    found = [e for e in range(1, tiny_buffer.epochs + 1)
-             if torch.allclose(labels, _expert_logits_at(tiny_buffer, e, images, classes),
-                               atol=1e-5)]
-    assert found, "labels are not the mean logits of the experts that are right"
+    # soft labels from the experts' FINAL epoch (ALGORITHM.md 3): for real_correct the mean
+    # logits of the experts that are right, for real the logits of one (seeded) expert
+    last = tiny_buffer.epochs
+    assert report["label_epoch"] == last
+    if init == "real_correct":
+        expected = _expert_logits_at(tiny_buffer, last, images, classes)
+    else:
+        theta = tiny_buffer.epochs_of(report["expert"], [last])[0]
+        expected = FlatModel(tiny_buffer.spec)(theta, images)
+    torch.testing.assert_close(labels, expected, rtol=1e-6, atol=1e-6)
     # the images are copies: changing them does not change the real data
     before = x.clone()
     images += 1
     assert torch.equal(x, before)
 
 
-def test_real_correct_prefers_correctly_classified_images(tiny_buffer, tiny_data):
+@pytest.mark.parametrize("label_epoch", [-1, 2, 3])
+def test_real_correct_images_are_right_for_the_recorded_expert(tiny_buffer, tiny_data,
+                                                               label_epoch):
     x, y, _, _ = tiny_data
-    cfg = DistillConfig(ipc=2, init="real_correct", max_start_epoch=3)
+    cfg = DistillConfig(ipc=4, init="real_correct", max_start_epoch=3, label_epoch=label_epoch)
     with torch.no_grad():
-        images, _ = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
+        images, _, report = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
         fm = FlatModel(tiny_buffer.spec)
-        epoch = min(cfg.max_start_epoch, tiny_buffer.epochs)
-        thetas = [tiny_buffer.epochs_of(k, [epoch])[0] for k in range(len(tiny_buffer))]
-        # at least one expert (the reference) classifies every chosen image correctly,
-        # provided each class has enough correctly classified images for every expert
-        per_expert = [fm(t, x).argmax(1) == y for t in thetas]
-        enough = all(int((ok & (y == c)).sum()) >= cfg.ipc for ok in per_expert for c in range(3))
-        assert enough, "tiny experts too weak for this check"
-        chosen_ok = torch.stack([fm(t, images).argmax(1) == torch.arange(3).repeat_interleave(2)
-                                 for t in thetas])
-    assert chosen_ok.all(1).any()
+        epoch = tiny_buffer.epochs if label_epoch == -1 else label_epoch
+        assert report["label_epoch"] == epoch
+        assert sorted(report["expert_order"]) == list(range(len(tiny_buffer)))
+        assert [r["class"] for r in report["classes"]] == [0, 1, 2]
+        assert report["fallback_classes"] == []
+        for c, record in enumerate(report["classes"]):
+            theta = tiny_buffer.epochs_of(record["expert"], [epoch])[0]
+            chosen = images[c * cfg.ipc:(c + 1) * cfg.ipc]
+            assert (fm(theta, chosen).argmax(1) == c).all(), (c, record)
+            assert record["found"] >= cfg.ipc and not record["fallback"]
 
 
 def test_hard_labels_are_one_hot(tiny_buffer, tiny_data):
     x, y, _, _ = tiny_data
     cfg = DistillConfig(ipc=2, labels="hard", max_start_epoch=3)
-    _, labels = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
+    _, labels, _ = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
     probs = labels.softmax(1)
     assert torch.equal(labels.argmax(1), torch.arange(3).repeat_interleave(2))
     assert (probs.max(1).values > 0.999).all()
@@ -220,8 +230,208 @@ def test_initialize_is_seeded(tiny_buffer, tiny_data):
     a = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(5))
     b = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(5))
     c = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(6))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
     assert not torch.equal(a[0], c[0])
+
+
+def _constant_experts(tmp_path, buffer, constant: dict[int, int]) -> ExpertBuffer:
+    """A copy of `buffer` whose expert k, at its final epoch only, always predicts class
+    constant[k] (classifier weights 0, bias 5 on that class): its logits are that bias."""
+    out = tmp_path / "constant_buffer"
+    out.mkdir()
+    fm = FlatModel(buffer.spec)
+    for k, path in enumerate(buffer.paths):
+        tensors, meta = artifacts.load(path, "expert")
+        trajectory = tensors["trajectory"].clone()
+        if k in constant:
+            params = fm.unflatten(trajectory[-1])  # views: edits land in the trajectory
+            params["classifier.weight"].zero_()
+            params["classifier.bias"].copy_(_bias(constant[k], buffer.spec.num_classes))
+        artifacts.save(out / path.name, {"trajectory": trajectory}, "expert", meta)
+    return ExpertBuffer.open(out)
+
+
+def _bias(c: int, num_classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(c), num_classes).float() * 5
+
+
+def _class_of_real_image(x: torch.Tensor, y: torch.Tensor, img: torch.Tensor) -> tuple[int, int]:
+    match = torch.nonzero((x == img).flatten(1).all(1)).flatten()
+    assert match.numel() >= 1, "not a real image"
+    return int(match[0]), int(y[match[0]])
+
+
+def test_soft_labels_are_the_final_epoch_experts_that_are_right(tiny_buffer, tiny_data):
+    """ALGORITHM.md 3 (Label_Model_Timestamp = -1): label_epoch -1 is the experts' last epoch,
+    whatever T+ is; the labels are the mean logits of the experts right on each image."""
+    x, y, _, _ = tiny_data
+    cfg = DistillConfig(ipc=3, max_start_epoch=2)  # T+ far below the last epoch (5)
+    images, labels, report = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(2))
+    classes = torch.arange(3).repeat_interleave(3)
+    last = tiny_buffer.epochs
+    fm = FlatModel(tiny_buffer.spec)
+    with torch.no_grad():
+        logits = torch.stack([fm(tiny_buffer.epochs_of(k, [last])[0], images)
+                              for k in range(len(tiny_buffer))])   # [K, n, C], by hand
+        right = logits.argmax(-1) == classes
+        assert right.any(0).all(), "every chosen image has an expert that is right"
+        expected = torch.stack([logits[right[:, i], i].mean(0) for i in range(len(images))])
+    assert report["label_epoch"] == last
+    torch.testing.assert_close(labels, expected, rtol=1e-6, atol=1e-6)
+    # and not the logits of any other epoch (T+ was the old choice)
+    for epoch in range(last):
+        other = _expert_logits_at(tiny_buffer, epoch, images, classes)
+        assert not torch.allclose(labels, other, atol=1e-3), epoch
+
+
+@pytest.mark.parametrize("epoch", [1, 2, 4])
+def test_label_epoch_chooses_the_experts_epoch(tiny_buffer, tiny_data, epoch):
+    """Epochs 1 and 2 are where the tiny experts still get images wrong: the weighting counts."""
+    x, y, _, _ = tiny_data
+    cfg = DistillConfig(ipc=2, max_start_epoch=2, label_epoch=epoch)
+    images, labels, report = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
+    classes = torch.arange(3).repeat_interleave(2)
+    assert report["label_epoch"] == epoch
+    with torch.no_grad():
+        expected = _expert_logits_at(tiny_buffer, epoch, images, classes)
+        final = _expert_logits_at(tiny_buffer, tiny_buffer.epochs, images, classes)
+    torch.testing.assert_close(labels, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(labels, final, atol=1e-3)
+
+
+def test_label_epoch_past_the_buffer_is_refused(tiny_buffer, tiny_data):
+    x, y, _, _ = tiny_data
+    bad = DistillConfig(ipc=1, max_start_epoch=2, label_epoch=tiny_buffer.epochs + 1)
+    with pytest.raises(DistillError, match="label_epoch"):
+        Distiller.create(bad, tiny_buffer, x, y, TINY_AUG)
+    # the last epoch itself, and 0, are fine
+    for ok in (tiny_buffer.epochs, 0):
+        Distiller.create(replace(bad, label_epoch=ok), tiny_buffer, x, y, TINY_AUG)
+
+
+def test_a_wrong_expert_hands_the_class_to_the_next(tmp_path, tiny_buffer, tiny_data):
+    """Expert k always predicts class k: for class c every expert but c finds nothing, so the
+    scan must walk the (seeded) expert order until it reaches expert c."""
+    x, y, _, _ = tiny_data
+    buffer = _constant_experts(tmp_path, tiny_buffer, {0: 0, 1: 1, 2: 2})
+    cfg = DistillConfig(ipc=3, max_start_epoch=2)
+    images, labels, report = initialize(cfg, buffer, x, y, torch.Generator().manual_seed(0))
+    order = report["expert_order"]
+    assert sorted(order) == [0, 1, 2]
+    for c, record in enumerate(report["classes"]):
+        assert record["expert"] == c and not record["fallback"]
+        assert record["tried"] == order[: order.index(c) + 1]
+        assert record["found"] >= cfg.ipc
+        for img in images[c * 3:(c + 1) * 3]:
+            assert _class_of_real_image(x, y, img)[1] == c
+        # only expert c is right on these images: the label is its logits, the bias
+        assert torch.equal(labels[c * 3:(c + 1) * 3], _bias(c, 3).expand(3, 3))
+    assert sum(len(r["tried"]) > 1 for r in report["classes"]) == 2  # two classes moved on
+    assert report["fallback_classes"] == []
+
+
+def test_fallback_when_no_expert_finds_enough(tmp_path, tiny_buffer, tiny_data):
+    """All experts predict class 0: classes 1 and 2 fall back to unjudged real images."""
+    x, y, _, _ = tiny_data
+    buffer = _constant_experts(tmp_path, tiny_buffer, {0: 0, 1: 0, 2: 0})
+    cfg = DistillConfig(ipc=3, max_start_epoch=2)
+    images, labels, report = initialize(cfg, buffer, x, y, torch.Generator().manual_seed(0))
+    order = report["expert_order"]
+    assert report["fallback_classes"] == [1, 2]
+    first = report["classes"][0]
+    assert first["expert"] == order[0] and first["tried"] == order[:1] and not first["fallback"]
+    for c in (1, 2):
+        record = report["classes"][c]
+        assert record == {"class": c, "expert": order[0], "tried": order, "found": 0,
+                          "scanned": int((y == c).sum()), "fallback": True}
+    used = [_class_of_real_image(x, y, img) for img in images]
+    assert [c for _, c in used] == [0] * 3 + [1] * 3 + [2] * 3  # still real, class-major
+    assert len({i for i, _ in used}) == 9
+    # no expert is right on a fallback image: its label is the mean of all experts
+    assert torch.equal(labels, _bias(0, 3).expand(9, 3))
+
+
+def test_fallback_keeps_the_images_the_best_expert_got_right(tiny_buffer, tiny_data):
+    """At epoch 1 the tiny experts get at most 3 of class 0 right: with ipc 4 that class falls
+    back, starting with the 3 images of the expert that found most."""
+    x, y, _, _ = tiny_data
+    cfg = DistillConfig(ipc=4, max_start_epoch=2, label_epoch=1)
+    images, labels, report = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
+    fm = FlatModel(tiny_buffer.spec)
+    with torch.no_grad():
+        thetas = [tiny_buffer.epochs_of(k, [1])[0] for k in range(len(tiny_buffer))]
+        right = [int(((fm(t, x).argmax(1) == y) & (y == 0)).sum()) for t in thetas]
+        assert max(right) < cfg.ipc, "the tiny experts changed: pick another epoch"
+        record = report["classes"][0]
+        assert record["fallback"] and record["found"] == max(right) > 0
+        assert record["tried"] == report["expert_order"]
+        assert right[record["expert"]] == max(right)
+        hits = fm(thetas[record["expert"]], images[:4]).argmax(1) == 0
+    assert hits.tolist() == [True] * max(right) + [False] * (4 - max(right))
+    assert report["fallback_classes"] == [0]
+    torch.testing.assert_close(
+        labels, _expert_logits_at(tiny_buffer, 1, images, torch.arange(3).repeat_interleave(4)),
+        rtol=1e-6, atol=1e-6)
+
+
+def test_the_scan_runs_in_chunks_and_stops_when_it_has_enough(monkeypatch, tiny_buffer,
+                                                              tiny_data):
+    x, y, _, _ = tiny_data
+    sizes: list[int] = []
+
+    class Spy(FlatModel):
+        def __call__(self, theta, images):
+            sizes.append(images.shape[0])
+            return super().__call__(theta, images)
+
+    cfg = DistillConfig(ipc=2, max_start_epoch=2)
+    whole = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(distill_module, "FlatModel", Spy)
+    small = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(3), chunk=2)
+    assert sizes and max(sizes) <= 2
+    assert torch.equal(whole[0], small[0])  # same images, judged in pieces
+    torch.testing.assert_close(whole[1], small[1], rtol=1e-6, atol=1e-6)
+    # the final-epoch experts are right on everything: one chunk of 2 per class suffices
+    assert [r["scanned"] for r in small[2]["classes"]] == [2, 2, 2]
+    assert [r["scanned"] for r in whole[2]["classes"]] == [int((y == c).sum()) for c in range(3)]
+
+
+def test_real_init_is_labelled_by_one_final_epoch_expert(tiny_buffer, tiny_data):
+    """The reference's CIFAR-100 IPC 50 config: random real images, one final-epoch expert."""
+    x, y, _, _ = tiny_data
+    fm = FlatModel(tiny_buffer.spec)
+    last = tiny_buffer.epochs
+    chosen_experts = set()
+    for seed in range(6):
+        cfg = DistillConfig(ipc=3, init="real", max_start_epoch=2, seed=seed)
+        d = Distiller.create(cfg, tiny_buffer, x, y, TINY_AUG)
+        k = d.init_report["expert"]
+        chosen_experts.add(k)
+        assert d.init_report == {"init": "real", "label_epoch": last, "expert": k}
+        with torch.no_grad():
+            one = fm(tiny_buffer.epochs_of(k, [last])[0], d.images)
+            mean = _expert_logits_at(tiny_buffer, last, d.images,
+                                     torch.arange(3).repeat_interleave(3))
+        torch.testing.assert_close(d.labels, one, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(d.labels, mean, atol=1e-3)  # not the average of experts
+    assert len(chosen_experts) > 1, "the expert is a seeded choice, not always the first"
+
+
+def test_init_report_is_in_the_result_and_survives_resume(tmp_path, tiny_buffer, tiny_data):
+    x, y, _, _ = tiny_data
+    full = Distiller.create(CFG, tiny_buffer, x, y, TINY_AUG)
+    assert full.init_report["classes"] and full.init_report["label_epoch"] == tiny_buffer.epochs
+    full.run()
+    part = Distiller.create(replace(CFG, iterations=2), tiny_buffer, x, y, TINY_AUG)
+    part.run(checkpoint=tmp_path / "ckpt.safetensors")
+    resumed = Distiller.resume(tmp_path / "ckpt.safetensors", CFG, tiny_buffer, TINY_AUG)
+    assert resumed.init_report == full.init_report
+    resumed.run()
+    meta = {"classes": ["a", "b", "c"]}
+    a = full.save_result(tmp_path / "full.safetensors", meta)
+    b = resumed.save_result(tmp_path / "resumed.safetensors", meta)
+    assert artifacts.read_meta(a, RESULT)["init"] == full.init_report
+    assert a.read_bytes() == b.read_bytes()  # the whole artifact, metadata included
 
 
 # --- running, checkpoints, resume ---------------------------------------------------------------
@@ -400,7 +610,8 @@ def test_a_finite_loss_resets_the_nan_count(monkeypatch, tiny_buffer, tiny_data)
     {"ipc": 0}, {"min_start_epoch": 3, "max_start_epoch": 3},
     {"sg_start": 0, "min_start_epoch": 0}, {"sg_start": 5, "max_start_epoch": 4},
     {"sg_start": 2, "sg_end": 0}, {"init": "zeros"}, {"labels": "soft"}, {"mode": "fast"},
-    {"syn_steps": 0}, {"checkpoint_every": 0}])
+    {"syn_steps": 0}, {"checkpoint_every": 0}, {"label_epoch": -2}, {"select_every": -1},
+    {"select_epochs": 0}, {"select_models": 0}, {"select_val_per_class": 0}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(ValueError):
         DistillConfig(**{"ipc": 1, **bad})

@@ -24,9 +24,10 @@ import torch
 
 from bench.common import best_seconds, device, machine, table
 from datm.augment import AugConfig
-from datm.matching import MODES, MatchResult, make_plan, match
+from datm.config import MODES, PRECISIONS
+from datm.matching import MatchResult, make_plan, match
 from datm.networks import FlatModel, NetSpec
-from datm.precision import PRECISIONS, numerics
+from datm.precision import numerics
 
 
 def _problem(args: argparse.Namespace, dev: torch.device) -> tuple:

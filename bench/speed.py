@@ -55,7 +55,8 @@ import torch.nn.functional as F
 
 from bench.common import best_seconds, device, expert_seconds, in_child, machine, peak_mib, table
 from bench.matching import _setup
-from datm.augment import FAMILIES, AugConfig, AugDraw, apply, sample
+from datm.augment import AugConfig, AugDraw, apply, sample
+from datm.config import FAMILIES
 from datm.experts import ExpertConfig
 from datm.matching import Plan, make_plan, match
 from datm.networks import FlatModel, NetSpec, soft_cross_entropy

@@ -14,31 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
-
-
-@dataclass(frozen=True)
-class AugConfig:
-    """DSA settings; defaults are the published 'color_crop_cutout_flip_scale_rotate' values."""
-
-    enabled: bool = True
-    strategy: str = "color_crop_cutout_flip_scale_rotate"
-    scale: float = 1.2
-    rotate: float = 15.0
-    crop: float = 0.125
-    cutout: float = 0.5
-    brightness: float = 1.0
-    saturation: float = 2.0
-    contrast: float = 0.5
-
-    def __post_init__(self) -> None:
-        unknown = set(self.families) - set(FAMILIES)
-        if unknown:
-            raise ValueError(f"unknown augmentation family {sorted(unknown)}; choose from {FAMILIES}")
-
-    @property
-    def families(self) -> tuple[str, ...]:
-        return tuple(f for f in self.strategy.split("_") if f)
+from .config import AugConfig
 
 
 @dataclass(frozen=True)

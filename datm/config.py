@@ -1,24 +1,217 @@
-"""params.yaml -> typed config objects, with one-line errors for unknown or bad keys."""
+"""params.yaml -> typed config objects, with one-line errors for unknown or bad keys.
+
+Every config class lives here, so loading params imports no algorithm code: a DVC stage then
+depends only on the modules it runs (tests/test_dvc_deps.py derives that from the imports).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .augment import AugConfig
-from .data import DataConfig
-from .distill import DistillConfig
 from .errors import UserError
-from .evaluate import EvalConfig
-from .experts import ExpertConfig
+
+# The choices each setting allows; the modules that act on them import them from here.
+FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "imagefolder")
+INITS = ("real_correct", "real", "noise")
+LABELS = ("expert", "hard")
+ARCHS = ("convnet", "convnet_bn", "resnet18")
+NORMS = ("instance", "batch", "none")
+MODELS = ("convnet", "resnet18")
+MODES = ("recompute", "unroll")
+PRECISIONS = ("float32", "tf32", "bf16")
+SECTIONS = ("data", "zca", "net", "augment", "buffers", "distill", "evaluate")
 
 
 class ConfigError(UserError, ValueError):
     """A params file that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    """DSA settings; defaults are the published 'color_crop_cutout_flip_scale_rotate' values."""
+
+    enabled: bool = True
+    strategy: str = "color_crop_cutout_flip_scale_rotate"
+    scale: float = 1.2
+    rotate: float = 15.0
+    crop: float = 0.125
+    cutout: float = 0.5
+    brightness: float = 1.0
+    saturation: float = 2.0
+    contrast: float = 0.5
+
+    def __post_init__(self) -> None:
+        unknown = set(self.families) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown augmentation family {sorted(unknown)}; choose from {FAMILIES}")
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(f for f in self.strategy.split("_") if f)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "fashion_mnist"
+    root: str = "datasets"
+    im_size: int = 0          # imagefolder only: resize to this side (0: keep 32)
+    channels: int = 3         # imagefolder only: 1 (grayscale) or 3 (RGB)
+    test_fraction: float = 0.2  # imagefolder without a test/ folder: held-out share per class
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASETS:
+            raise ValueError(f"data.name must be one of {DATASETS}, got '{self.name}'")
+        if self.channels not in (1, 3) or self.im_size < 0:
+            raise ValueError(f"data.channels must be 1 or 3 and data.im_size >= 0, got "
+                             f"{self.channels} and {self.im_size}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"data.test_fraction must lie in (0, 1), got {self.test_fraction}")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """One IPC's settings; names follow ALGORITHM.md section 4 (N, M, T-, T, T+, ...)."""
+
+    ipc: int
+    syn_steps: int = 20               # N
+    expert_epochs: int = 2            # M
+    min_start_epoch: int = 0          # T-
+    sg_start: int | None = None       # T (None: no sequential generation, U = T+)
+    max_start_epoch: int = 4          # T+
+    sg_end: int = 0                   # iterations over which U grows from T to T+
+    batch_syn: int = 0                # 0: the whole synthetic set each step
+    lr_img: float = 100.0
+    lr_y: float = 2.0
+    lr_lr: float = 1e-5
+    lr_init: float = 0.0              # 0: the experts' lr
+    iterations: int = 100
+    threshold: float = 1.0
+    init: str = "real_correct"
+    labels: str = "expert"            # expert logits (DATM) or hard one-hot (always, for noise)
+    label_epoch: int = -1             # experts' epoch that judges init images and gives soft labels
+                                      # (-1: their last, the reference's Label_Model_Timestamp)
+    learn_labels: bool = True
+    mode: str = "recompute"
+    precision: str = "float32"        # float32 | tf32 (CUDA) | bf16 autocast; see bench/precision.py
+    seed: int = 0
+    checkpoint_every: int = 25
+    grid_every: int = 100             # iterations between image grids in MLflow
+    max_nonfinite: int = 10           # consecutive NaN/inf losses before giving up
+    # Selection on a validation split of the training images (never the test split): every
+    # `select_every` iterations and at the end, train `select_models` fresh evaluation networks
+    # for `select_epochs` on the current set and keep the best. 0: keep the final set.
+    select_every: int = 0
+    select_val_per_class: int = 100   # training images per class held out to judge the sets
+    select_epochs: int = 300
+    select_models: int = 1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.ipc >= 1, "ipc must be >= 1"),
+            (self.syn_steps >= 1 and self.expert_epochs >= 1, "syn_steps and expert_epochs must be >= 1"),
+            (0 <= self.min_start_epoch < self.max_start_epoch,
+             f"need 0 <= T- ({self.min_start_epoch}) < T+ ({self.max_start_epoch})"),
+            (self.sg_start is None or self.min_start_epoch < self.sg_start <= self.max_start_epoch,
+             f"SG start T ({self.sg_start}) must lie in (T-, T+]"),
+            (self.sg_start is None or self.sg_end >= 1, "sg_end must be >= 1 with sequential generation"),
+            (self.iterations >= 0 and self.checkpoint_every >= 1, "iterations >= 0, checkpoint_every >= 1"),
+            (self.init in INITS, f"init must be one of {INITS}"),
+            (self.labels in LABELS, f"labels must be one of {LABELS}"),
+            (self.mode in MODES, f"mode must be one of {MODES}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.label_epoch >= -1, "label_epoch must be -1 (the experts' last epoch) or >= 0"),
+            (self.select_every >= 0, "select_every must be >= 0 (0: keep the final set)"),
+            (min(self.select_val_per_class, self.select_epochs, self.select_models) >= 1,
+             "select_val_per_class, select_epochs and select_models must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"distill ipc {self.ipc}: {message}")
+
+    @property
+    def last_epoch_needed(self) -> int:
+        """Start epochs are drawn below T+, so the deepest epoch read is T+ - 1 + M."""
+        return self.max_start_epoch - 1 + self.expert_epochs
+
+    def digest(self, extra: str = "") -> str:
+        """Identity of a run; settings that do not change its result are left out.
+
+        `iterations` only says where to stop (no schedule depends on it), so a run given more
+        iterations resumes from its checkpoint instead of starting over. With selection off its
+        other settings change nothing either.
+        """
+        skip = ("checkpoint_every", "grid_every", "iterations")
+        if not self.select_every:
+            skip += ("select_val_per_class", "select_epochs", "select_models")
+        keep = {k: v for k, v in asdict(self).items() if k not in skip}
+        return hashlib.sha256(json.dumps([keep, extra], sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    models: int = 5               # fresh networks per set; mean and std are over these
+    epochs: int = 1000
+    batch: int = 256              # of the distilled and random sets (the full set: fullset_batch)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr: float = 0.0               # 0: the distilled set's learned lr (times lr_scale)
+    lr_scale: float = 1.0         # multiplies the learned lr; 1 is the paper's protocol
+    random_lr: float = 0.01       # lr of the random-real-subset baseline
+    arch: str = "convnet"
+    augment: bool = True
+    fullset_epochs: int = 30
+    fullset_lr: float = 0.01
+    fullset_batch: int = 256
+    fullset_models: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got '{self.arch}'")
+        if min(self.models, self.epochs, self.batch, self.fullset_batch) < 1:
+            raise ValueError("models, epochs, batch and fullset_batch must be >= 1")
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    num_experts: int = 5
+    epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch: int = 256
+    # Flat-minimum experts by GSAM (flat_minimum.py); rho 0 = plain SGD (the MTT baseline).
+    # The presets use the DATM reference values: rho 0.01, alpha 0.3, adaptive true.
+    rho: float = 0.0          # perturbation radius
+    alpha: float = 0.0        # surrogate-gap weight; 0 with adaptive false is SAM
+    adaptive: bool = False    # radius scaled per parameter by |w| (ASAM-style)
+    group: int = 1            # experts trained together as one batched model
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1 or self.epochs < 1 or self.batch < 1 or self.group < 1:
+            raise ValueError("buffers: num_experts, epochs, batch and group must be >= 1")
+        if self.lr <= 0:
+            raise ValueError("buffers: lr must be > 0")
+        if self.rho < 0:
+            raise ValueError(f"buffers.rho must be >= 0 (0: plain SGD), got {self.rho}")
+        if self.alpha < 0:
+            raise ValueError(f"buffers.alpha must be >= 0 (0: no surrogate-gap term), "
+                             f"got {self.alpha}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"buffers.adaptive must be true or false, got {self.adaptive!r}")
 
 
 @dataclass(frozen=True)
@@ -27,11 +220,21 @@ class NetConfig:
     depth: int = 3
     norm: str = "instance"
 
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.depth < 1:
+            raise ValueError(f"width and depth must be >= 1, got {self.width} and {self.depth}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got '{self.norm}'")
+
 
 @dataclass(frozen=True)
 class ZCAConfig:
     enabled: bool = True
     eps: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +281,40 @@ class Paths:
         return self.root / "reports"
 
 
+def _typed(value: Any, kind: Any, key: str) -> Any:
+    """`value` checked against a field's annotation (int, float, bool, str, X | None).
+
+    YAML gives `width: "32"` as a string and `lr: 1e-3` as a string too (no dot): a wrong type
+    must stop the stage before it touches an artifact, not crash it halfway through.
+    """
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key} must be set (got an empty value)")
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if typing.get_origin(option) is list and isinstance(value, list):
+            return value
+    names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o))
+                        for o in options)
+    if isinstance(value, str) and float in options:
+        try:  # YAML reads 1e-5 (no dot) as a string: accept it when it is a plain number
+            return _typed(float(value), kind, key)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key} must be {names}, got {type(value).__name__} {value!r}")
+
+
 def _build(cls: type, raw: Any, where: str):
     if raw is None:
         raw = {}
@@ -87,77 +324,120 @@ def _build(cls: type, raw: Any, where: str):
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(f"unknown key {where}.{unknown[0]}; known: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    values = {k: _typed(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
     try:
-        return cls(**raw)
+        return cls(**values)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        message = str(exc)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
 @dataclass(frozen=True)
 class Params:
     """All settings of a profile, parsed from the params.yaml mapping."""
 
-    raw: dict
     data: DataConfig
     zca: ZCAConfig
     net: NetConfig
     augment: AugConfig
     buffers: ExpertConfig
     evaluate: EvalConfig
+    distills: dict[int, DistillConfig]
     device: str = "auto"
 
     @classmethod
     def from_dict(cls, raw: dict) -> Params:
-        known = {"seed", "data", "zca", "net", "augment", "buffers", "distill", "evaluate",
-                 "device"}
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(set(raw) - set(SECTIONS) - {"seed", "device"})
         if unknown:
-            raise ConfigError(f"unknown top-level key '{unknown[0]}'; known: {', '.join(sorted(known))}")
-        seed = int(raw.get("seed", 0))
-        params = cls(
-            raw=raw,
-            data=_build(DataConfig, {"seed": seed, **(raw.get("data") or {})}, "data"),
-            zca=_build(ZCAConfig, raw.get("zca"), "zca"),
-            net=_build(NetConfig, raw.get("net"), "net"),
-            augment=_build(AugConfig, raw.get("augment"), "augment"),
-            buffers=_build(ExpertConfig, {"seed": seed, **(raw.get("buffers") or {})}, "buffers"),
-            evaluate=_build(EvalConfig, {"seed": seed, **(raw.get("evaluate") or {})}, "evaluate"),
-            device=str(raw.get("device", "auto")),
+            known = ", ".join(sorted({*SECTIONS, "seed", "device"}))
+            raise ConfigError(f"unknown top-level key '{unknown[0]}'; known: {known}")
+        # A missing section would silently mean code defaults (e.g. paper-size experts).
+        missing = [s for s in SECTIONS if s not in raw]
+        if missing:
+            raise ConfigError(f"params lack the '{missing[0]}' section (every profile sets "
+                              f"{', '.join(SECTIONS)}; see params.yaml)")
+        seed = _typed(raw.get("seed", 0), int, "seed")
+        device = _typed(raw.get("device", "auto"), str, "device")
+        _check_device(device)
+        return cls(
+            data=_build(DataConfig, {"seed": seed, **(raw["data"] or {})}, "data"),
+            zca=_build(ZCAConfig, raw["zca"], "zca"),
+            net=_build(NetConfig, raw["net"], "net"),
+            augment=_build(AugConfig, raw["augment"], "augment"),
+            buffers=_build(ExpertConfig, {"seed": seed, **(raw["buffers"] or {})}, "buffers"),
+            evaluate=_build(EvalConfig, {"seed": seed, **(raw["evaluate"] or {})}, "evaluate"),
+            distills=_distills(raw["distill"], seed),
+            device=device,
         )
-        for ipc in params.ipcs:
-            params.distill(ipc)  # validate every IPC up front
-        return params
 
     @property
     def ipcs(self) -> list[int]:
         """`distill.ipcs`: the IPCs the pipeline distills (one distill@<ipc> stage each)."""
-        section = self.raw.get("distill") or {}
-        unknown = sorted(set(section) - {"ipcs", "defaults", "ipc"})
-        if unknown:
-            raise ConfigError(f"unknown key distill.{unknown[0]}; known: defaults, ipc, ipcs")
-        listed = section.get("ipcs") or []
-        if not isinstance(listed, list) or not all(isinstance(i, int) for i in listed):
-            raise ConfigError("distill.ipcs must be a list of integers, e.g. [1, 10, 50]")
-        return sorted(listed)
+        return sorted(self.distills)
 
     def distill(self, ipc: int) -> DistillConfig:
         """The settings of one IPC: distill.defaults overlaid with distill.ipc.<ipc>."""
-        if ipc not in self.ipcs:
+        if ipc not in self.distills:
             listed = ", ".join(map(str, self.ipcs)) or "none"
             raise ConfigError(f"IPC {ipc} is not in params (distill.ipcs lists: {listed})")
-        section = self.raw.get("distill") or {}
-        table = section.get("ipc") or {}
-        own = table.get(ipc) or table.get(str(ipc)) or {}
-        if isinstance(own, dict) and "ipc" in own:
-            raise ConfigError(f"distill.ipc.{ipc}.ipc: the IPC is the table's key, drop this key")
-        merged = {"seed": int(self.raw.get("seed", 0)), **(section.get("defaults") or {}),
-                  **own, "ipc": ipc}
-        return _build(DistillConfig, merged, f"distill.ipc.{ipc}")
+        return self.distills[ipc]
 
     def torch_device(self) -> torch.device:
+        """The compute device; a CUDA device that this machine lacks is a ConfigError."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if (device.index or 0) >= count:
+                raise ConfigError(f"device: {self.device} but this machine has "
+                                  f"{count or 'no'} CUDA GPU{'s' if count != 1 else ''}: "
+                                  "use device: auto or cpu")
+        return device
+
+
+def _distills(section: Any, seed: int) -> dict[int, DistillConfig]:
+    """Every listed IPC's DistillConfig: distill.defaults overlaid with distill.ipc.<ipc>.
+
+    Table keys may be integers or digit strings: `dvc exp run -S distill.ipc.10.lr_img=50`
+    works on either, and a string key added by an override must not be silently ignored.
+    """
+    if not isinstance(section, dict):
+        raise ConfigError("distill must be a mapping with ipcs, defaults and ipc")
+    unknown = sorted(set(section) - {"ipcs", "defaults", "ipc"})
+    if unknown:
+        raise ConfigError(f"unknown key distill.{unknown[0]}; known: defaults, ipc, ipcs")
+    listed = section.get("ipcs") or []
+    if not isinstance(listed, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in listed):
+        raise ConfigError("distill.ipcs must be a list of positive integers, e.g. [1, 10, 50]")
+    table: dict[int, Any] = {}
+    for key, own in (section.get("ipc") or {}).items():
+        if not str(key).isdigit():
+            raise ConfigError(f"distill.ipc.{key}: keys of distill.ipc are IPCs (integers)")
+        if int(key) in table:
+            raise ConfigError(f"distill.ipc lists IPC {key} twice (as {key!r} and {int(key)})")
+        if own is not None and not isinstance(own, dict):
+            raise ConfigError(f"distill.ipc.{key} must be a mapping of settings")
+        if own and "ipc" in own:
+            raise ConfigError(f"distill.ipc.{key}.ipc: the IPC is the table's key, drop this key")
+        table[int(key)] = own or {}
+    defaults = section.get("defaults") or {}
+    return {ipc: _build(DistillConfig, {"seed": seed, **defaults, **table.get(ipc, {}), "ipc": ipc},
+                        f"distill.ipc.{ipc}")
+            for ipc in sorted(listed)}
+
+
+def _check_device(device: str) -> None:
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{device}'")
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:

@@ -20,37 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from . import artifacts
+from . import artifacts, flat_minimum
 from .augment import AugConfig, augment
+from .config import ExpertConfig
 from .events import Callback
 from .networks import FlatModel, NetSpec
 
 KIND = "expert"
 
 
-@dataclass(frozen=True)
-class ExpertConfig:
-    num_experts: int = 5
-    epochs: int = 10
-    lr: float = 0.01
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    batch: int = 256
-    rho: float = 0.0          # sharpness-aware radius (flat-minimum experts); 0 = plain SGD
-    group: int = 1            # experts trained together as one batched model
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_experts < 1 or self.epochs < 1 or self.batch < 1 or self.group < 1:
-            raise ValueError("buffers: num_experts, epochs, batch and group must be >= 1")
-        if self.lr <= 0 or self.rho < 0:
-            raise ValueError("buffers: lr must be > 0 and rho >= 0")
-
-
 def config_hash(spec: NetSpec, cfg: ExpertConfig, aug: AugConfig, data_id: str) -> str:
     """Identity of what an expert file contains; `num_experts` and `group` do not change it."""
     recipe = {k: v for k, v in asdict(cfg).items() if k not in ("num_experts", "group")}
-    payload = json.dumps([spec.to_dict(), recipe, asdict(aug), data_id], sort_keys=True)
+    # The parameter count stands for the architecture's code: a layer change (e.g. the 28 px
+    # first-conv padding) keeps the spec but makes old trajectories the wrong length.
+    arch = {**spec.to_dict(), "num_params": FlatModel(spec).num_params}
+    payload = json.dumps([arch, recipe, asdict(aug), data_id], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -125,9 +110,11 @@ def train_group(fm: FlatModel, seeds: list[int], x: torch.Tensor, y: torch.Tenso
             g, hits = grad_fn(thetas, xb, yb)
             correct += hits
             if cfg.rho > 0:
-                # Sharpness-aware step: the gradient at the worst point within radius rho.
-                norm = g.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                g, _ = grad_fn(thetas + cfg.rho * g / norm, xb, yb)
+                # GSAM: descend along the gradient at the worst nearby point, on the same
+                # augmented batch, minus alpha times g's part orthogonal to it.
+                e = flat_minimum.perturbation(thetas, g, cfg.rho, cfg.adaptive)
+                g_p, _ = grad_fn(thetas + e, xb, yb)
+                g = flat_minimum.surrogate_gap_direction(g, g_p, cfg.alpha)
             velocity = cfg.momentum * velocity + g if cfg.momentum else g
             thetas = thetas - cfg.lr * velocity
             if callback:
@@ -150,12 +137,16 @@ def train_experts(out_dir: str | Path, spec: NetSpec, x: torch.Tensor, y: torch.
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = config_hash(spec, cfg, aug, data_id)
+    fm = FlatModel(spec, x.device)
+    # Prove the new settings can train (network builds, a batch runs) before dropping experts
+    # made with the old ones: a setting that fails must not cost the finished work.
+    with torch.no_grad():
+        fm(fm.init(0), x[:2])
     _drop_stale(out_dir, digest, cfg.num_experts)
     todo = [k for k in range(cfg.num_experts) if not expert_path(out_dir, k).exists()]
     if callback:
         callback({"event": "start", "done": cfg.num_experts - len(todo),
                   "total": cfg.num_experts})
-    fm = FlatModel(spec, x.device)
     for start in range(0, len(todo), cfg.group):
         group = todo[start:start + cfg.group]
         if callback:
@@ -169,10 +160,13 @@ def train_experts(out_dir: str | Path, spec: NetSpec, x: torch.Tensor, y: torch.
                     "hash": digest, "index": k, "epochs": cfg.epochs,
                     "train_acc": [a[j] for a in history["train_acc"]],
                     "test_acc": [a[j] for a in history["test_acc"]],
-                    "seconds": seconds / len(group), "images_seen": cfg.epochs * x.shape[0]}
+                    "images_seen": cfg.epochs * x.shape[0]}
+            # Timings go to the callback (metrics, MLflow), never into the artifact: the same
+            # settings must give the same bytes.
             artifacts.save(expert_path(out_dir, k), {"trajectory": trajs[j]}, KIND, meta)
             if callback:
-                callback({"event": "expert", "index": k, "meta": meta})
+                callback({"event": "expert", "index": k, "meta": meta,
+                          "seconds": seconds / len(group)})
     return [expert_path(out_dir, k) for k in range(cfg.num_experts)]
 
 

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from .augment import AugConfig, AugDraw, apply
+from .config import MODES
 from .networks import FlatModel, soft_cross_entropy
-
-MODES = ("recompute", "unroll")
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from . import artifacts, data, evaluate, experts
-from .config import Params, Paths
-from .distill import Distiller, DistillError
+from .config import ConfigError, Params, Paths
+from .distill import Distiller, DistillError, Selection
 from .events import Callback
 from .networks import NetSpec
 from .zca import ZCA, fit
@@ -46,7 +46,10 @@ def fit_zca(params: Params, paths: Paths) -> dict:
         ZCA().save(paths.zca)
         return {"enabled": False}
     tic = time.perf_counter()
-    zca = fit(data.normalize(train.images, train.mean, train.std), params.zca.eps)
+    # Raw [0, 1] pixels, not normalized ones, as the reference (see data.to_model_space). On the
+    # compute device: Tiny ImageNet's 12288-dim fit takes minutes on a CPU, seconds on a GPU.
+    images = train.images.to(params.torch_device())
+    zca = fit(images, params.zca.eps, scale=1 / 255)
     zca.save(paths.zca, {"eps": params.zca.eps})
     return {"enabled": True, "eps": params.zca.eps, "seconds": time.perf_counter() - tic}
 
@@ -70,37 +73,66 @@ class ModelData:
 
     def spec(self, params: Params) -> NetSpec:
         c, h, _ = self.x.shape[1:]
-        return NetSpec(c, len(self.classes), h, width=params.net.width, depth=params.net.depth,
-                       norm=params.net.norm)
+        try:
+            return NetSpec(c, len(self.classes), h, width=params.net.width,
+                           depth=params.net.depth, norm=params.net.norm)
+        except ValueError as exc:  # e.g. a depth that pools these images to nothing
+            raise ConfigError(f"net: {exc}") from None
 
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> pixels in [0, 1], the inverse of how `x` was made."""
         return data.to_pixels(x, self.mean, self.std, self.zca)
+
+
+def data_identity(paths: Paths) -> str:
+    """What experts and distillations are made from: the training images, labels and class
+    names, and the ZCA transform, by content (not file bytes or the folder they came from)."""
+    train = artifacts.content_digest(paths.train, ("classes",))
+    zca = artifacts.content_digest(paths.zca, ("enabled",))
+    return f"{train[:16]}:{zca[:16]}"
 
 
 def model_data(paths: Paths, device: torch.device) -> ModelData:
     train, test = data.Split.load(paths.train), data.Split.load(paths.test)
     zca = ZCA.load(paths.zca)
     to = lambda s: data.to_model_space(s.images, train.mean, train.std, zca).to(device)  # noqa: E731
-    identity = ":".join(artifacts.file_digest(p)[:16] for p in (paths.train, paths.zca))
+    identity = data_identity(paths)
     return ModelData(to(train), train.labels.to(device), to(test), test.labels.to(device),
                      train.classes, train.mean, train.std, zca, train.source, identity)
 
 
 # --- experts ---------------------------------------------------------------------------------
 
+# Run-time facts (wall time, where a run resumed) that never go into an artifact: the same
+# inputs and settings must give the same bytes, however and whenever they were computed.
+VOLATILE = ("seconds", "resumed_at")
+
+
+def _settled(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in VOLATILE}
+
+
 def buffers(params: Params, paths: Paths, callback: Callback = _quiet) -> dict:
     md = model_data(paths, params.torch_device())
     spec = md.spec(params)
+    seconds: dict[int, float] = {}
+
+    def on_event(e: dict) -> None:
+        if e["event"] == "expert":
+            seconds[e["index"]] = e["seconds"]
+        callback(e)
+
     files = experts.train_experts(paths.buffers, spec, md.x, md.y, md.x_test, md.y_test,
-                                  params.buffers, params.augment, md.identity, callback)
+                                  params.buffers, params.augment, md.identity, on_event)
     metas = [artifacts.read_meta(f, experts.KIND) for f in files]
     final = [m["test_acc"][-1] for m in metas]
     # Only scalar accuracy keys at the top: `dvc metrics show` makes a column of each scalar and
-    # skips lists, so per-run details live in the "runs" list.
+    # skips lists, so per-run details live in the "runs" list. Wall times exist only for the
+    # experts this run trained (None for those it found finished).
     return {"expert_acc": sum(final) / len(final),
             "runs": [{"expert": k, "epochs": params.buffers.epochs, "acc": m["test_acc"][-1],
-                      "seconds": m["seconds"],
-                      "images_per_second": m["images_seen"] / max(m["seconds"], 1e-9)}
+                      "seconds": seconds.get(k),
+                      "images_per_second": m["images_seen"] / seconds[k] if k in seconds else None}
                      for k, m in enumerate(metas)]}
 
 
@@ -127,13 +159,21 @@ def distill(params: Params, paths: Paths, ipc: int, callback: Callback = _quiet,
     md = model_data(paths, device)
     if buffer.spec.num_classes != len(md.classes):
         raise DistillError("experts and dataset disagree on the number of classes: rerun buffers")
-    identity = cfg.digest(json.dumps([md.identity, buffer.metas[0]["hash"], len(buffer),
-                                      asdict(params.augment)]))
+    inputs = [md.identity, buffer.metas[0]["hash"], len(buffer), asdict(params.augment)]
+    selection = None
+    if cfg.select_every:
+        # Validation images from the TRAINING split; the test split is never handed over.
+        val = evaluate.validation_subset(md.y, cfg.select_val_per_class, len(md.classes),
+                                         params.evaluate.seed)
+        selection = Selection(_eval_spec(params, md), params.evaluate, params.augment,
+                              md.x[val], md.y[val])
+        inputs += [asdict(params.evaluate), selection.spec.to_dict()]  # they change the choice
+    identity = cfg.digest(json.dumps(inputs))
     state = None if fresh else Distiller.resume(paths.checkpoint(ipc), cfg, buffer,
-                                                params.augment, identity, device)
+                                                params.augment, identity, device, selection)
     resumed_at = state.iteration if state else 0
     if state is None:
-        state = Distiller.create(cfg, buffer, md.x, md.y, params.augment)
+        state = Distiller.create(cfg, buffer, md.x, md.y, params.augment, selection)
     callback({"event": "start", "iteration": state.iteration, "iterations": cfg.iterations,
               "resumed": resumed_at > 0, "initial": state, "pixels": md.pixels})
     tic = time.perf_counter()
@@ -142,10 +182,14 @@ def distill(params: Params, paths: Paths, ipc: int, callback: Callback = _quiet,
     losses = [row[1] for row in state.history[-20:] if row[1] == row[1]]
     summary = {"ipc": ipc, "iterations": state.iteration, "skipped": state.skipped,
                "nonfinite": state.nonfinite, "final_loss": sum(losses) / max(len(losses), 1),
-               "learned_lr": float(state.lr), "seconds": seconds, "resumed_at": resumed_at}
+               "learned_lr": float(state.lr), "seconds": seconds, "resumed_at": resumed_at,
+               "init_fallback_classes": len(state.init_report.get("fallback_classes", []))}
+    if state.best is not None:
+        summary.update(selected_iteration=state.best.iteration,
+                       selected_val_acc=state.best.val_acc, selected_lr=float(state.best.lr))
     state.save_result(paths.distilled(ipc), {
         "classes": md.classes, "mean": md.mean, "std": md.std, "zca": md.zca.enabled,
-        "source": md.source, "summary": summary})
+        "dataset": params.data.name, "summary": _settled(summary)})
     callback({"event": "done", "state": state, "summary": summary})
     return summary
 
@@ -168,19 +212,28 @@ def fullset(params: Params, paths: Paths, callback: Callback = _quiet) -> dict:
                                    params.augment, md.x_test, md.y_test, cfg.seed + 17, callback)
     summary = {"full_dataset": result["mean"],
                "runs": _runs("full dataset", result, cfg.fullset_lr, cfg.fullset_epochs, full_cfg)}
-    write_json(paths.fullset, summary)
-    return summary
+    write_json(paths.fullset, summary)  # evaluate@N depends on it: no wall times inside
+    return {**summary, "seconds": sum(result["seconds"])}
 
 
 def _runs(name: str, result: dict, lr: float, epochs: int, cfg: evaluate.EvalConfig) -> list[dict]:
     """One record per trained model, for the metrics files' "runs" list."""
-    return [{"set": name, "model": k, "acc": acc, "seconds": sec, "lr": lr, "epochs": epochs,
+    return [{"set": name, "model": k, "acc": acc, "lr": lr, "epochs": epochs,
              "batch": cfg.batch, "arch": cfg.arch}
-            for k, (acc, sec) in enumerate(zip(result["accs"], result["seconds"]))]
+            for k, acc in enumerate(result["accs"])]
 
 
 def load_distilled(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return artifacts.load(path, "distilled")
+
+
+def check_finite(where: str | Path, **tensors: torch.Tensor) -> None:
+    """A set with NaN/inf would train to chance (10 %) and be reported as a number: refuse."""
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise DistillError(f"{where}: {' and '.join(bad)} hold NaN or inf values (a diverged "
+                           "distillation?): refusing to evaluate it; distill again with a "
+                           "lower lr_img / lr_lr")
 
 
 def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = _quiet) -> dict:
@@ -189,6 +242,8 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = _q
     params.distill(ipc)  # a clear error for an IPC that is not configured
     md = model_data(paths, params.torch_device())
     tensors, meta = load_distilled(paths.distilled(ipc))
+    check_finite(paths.distilled(ipc), images=tensors["images"], labels=tensors["labels"],
+                 lr=tensors["lr"])
     spec = _eval_spec(params, md)
     lr = evaluate.distilled_lr(cfg, float(tensors["lr"][0]))
     callback({"event": "set", "name": "distilled", "models": cfg.models})
@@ -209,7 +264,7 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = _q
                "runs": _runs("distilled", dist, lr, cfg.epochs, cfg)
                + _runs("random real", rand, cfg.random_lr, cfg.epochs, cfg)}
     write_json(paths.evaluation(ipc), summary)
-    return summary
+    return {**summary, "seconds": sum(dist["seconds"]) + sum(rand["seconds"])}
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -221,7 +276,8 @@ def distilled_ipcs(paths: Paths) -> list[int]:
 
 
 def distilled_pixels(paths: Paths, tensors: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
-    """A distilled set's images as pixels in [0, 1] (de-whitened with the pipeline's ZCA)."""
+    """A distilled set's images as pixels in [0, 1] (de-whitened with the pipeline's ZCA, or
+    de-normalized with the mean and std it was distilled with)."""
     zca = ZCA.load(paths.zca) if meta.get("zca") else ZCA()
     return data.to_pixels(tensors["images"], meta["mean"], meta["std"], zca)
 
@@ -262,13 +318,14 @@ def evaluate_export(params: Params, paths: Paths, folder: Path,
     from .export import read
 
     pixels, logits, lr, card = read(folder)
+    check_finite(folder, images=pixels, labels=logits, lr=torch.tensor(lr))
     md = model_data(paths, params.torch_device())
     if list(pixels.shape[1:]) != list(md.x.shape[1:]) or logits.shape[1] != len(md.classes):
         raise DistillError(f"{folder} holds {list(pixels.shape[1:])} images of "
                            f"{logits.shape[1]} classes; the pipeline's data is "
                            f"{list(md.x.shape[1:])} with {len(md.classes)} classes")
-    # Back to model space exactly as the pipeline's data: normalize, then whiten.
-    x = md.zca.whiten(data.normalize(pixels * 255, md.mean, md.std)).to(md.x.device)
+    # Back to model space by the very function that made the pipeline's data.
+    x = data.to_model_space(pixels * 255, md.mean, md.std, md.zca).to(md.x.device)
     cfg = params.evaluate
     lr = evaluate.distilled_lr(cfg, lr)
     result = evaluate.evaluate_set(_eval_spec(params, md), x, logits.to(x.device), lr, cfg.epochs,

@@ -12,7 +12,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-PRECISIONS = ("float32", "tf32", "bf16")
+from .config import PRECISIONS
 
 
 @contextmanager

@@ -38,16 +38,18 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
             elif e["event"] == "expert":
                 bar.advance(task)
                 bar.console.print(f"expert {e['index']}: test acc "
-                                  f"{e['meta']['test_acc'][-1]:.4f} in {e['meta']['seconds']:.0f}s")
+                                  f"{e['meta']['test_acc'][-1]:.4f} in {e['seconds']:.0f}s")
 
         summary = pipeline.buffers(p, pa, on_event)
         tracker.metrics({"expert_acc": summary["expert_acc"]}, 0)
     pipeline.write_json(pa.metrics / "buffers.json", summary)
     runs = summary["runs"]
-    speed = sum(r["images_per_second"] * r["seconds"] for r in runs) / sum(r["seconds"] for r in runs)
+    timed = [r for r in runs if r["seconds"]]
+    images = sum(r["images_per_second"] * r["seconds"] for r in timed)
+    speed = (f", {images / sum(r['seconds'] for r in timed):.0f} images/s over the {len(timed)} "
+             "trained now" if timed else ", all found finished")
     common.console.print(f"[green]buffers:[/] {len(runs)} experts, final test acc "
-                         f"{summary['expert_acc']:.4f} (min {min(r['acc'] for r in runs):.4f}), "
-                         f"{speed:.0f} images/s")
+                         f"{summary['expert_acc']:.4f} (min {min(r['acc'] for r in runs):.4f}){speed}")
     return summary
 
 

@@ -23,13 +23,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from datm.artifacts import ArtifactError
-from datm.config import ConfigError, Params, Paths, load_params
-from datm.data import DataError
-from datm.distill import DistillError
-from datm.export import ExportError
+from datm.config import Params, Paths, load_params
+from datm.errors import UserError
 
-USER_ERRORS = (ArtifactError, ConfigError, DataError, DistillError, ExportError, ValueError)
 # soft_wrap: rich would otherwise wrap at 80 columns when stderr is a pipe (DVC, CI), turning
 # the one-line error into several.
 console = Console(stderr=True, soft_wrap=True)
@@ -59,7 +55,7 @@ def guarded(fn: Callable[[], object]) -> int:
     """
     try:
         fn()
-    except USER_ERRORS as exc:
+    except UserError as exc:
         if os.environ.get("DATM_DEBUG"):
             raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False)

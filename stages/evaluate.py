@@ -37,10 +37,9 @@ def run_fullset(params: str = "params.yaml", root: str = ".") -> dict:
         tracker.params({"evaluate": asdict(p.evaluate), "net": asdict(p.net)})
         task = bar.add_task("full dataset", total=p.evaluate.fullset_epochs, info="")
         summary = pipeline.fullset(p, pa, _progress_events(tracker, bar, task, "full dataset"))
-        tracker.metrics({"full_dataset": summary["full_dataset"]}, 0)
-    seconds = sum(r["seconds"] for r in summary["runs"])
+        tracker.metrics({"full_dataset": summary["full_dataset"], "seconds": summary["seconds"]}, 0)
     common.console.print(f"[green]fullset:[/] {summary['full_dataset']:.4f} test accuracy "
-                         f"({p.evaluate.fullset_epochs} epochs, {seconds:.0f}s)")
+                         f"({p.evaluate.fullset_epochs} epochs, {summary['seconds']:.0f}s)")
     return summary
 
 

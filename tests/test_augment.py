@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datm.augment import FAMILIES, AugConfig, AugDraw, apply, augment, sample
+from datm.augment import AugConfig, AugDraw, apply, augment, sample
+from datm.config import FAMILIES
 
 N, C, S = 32, 3, 8
 

@@ -1,0 +1,286 @@
+"""Nothing lost, nothing stale, nothing cryptic: validation before any artifact is touched,
+byte-reproducible artifacts, identities by content, and loud errors instead of fallbacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import helpers
+import pytest
+import torch
+from test_steps import tiny_raw, write_splits
+
+from datm import artifacts, data, pipeline
+from datm.config import ConfigError, Params, Paths
+from datm.data import DataConfig, DataError
+from datm.distill import DistillError
+from datm.export import ExportError
+from stages import common
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every artifact and metrics file under a project, by relative path."""
+    found = {}
+    for folder in ("data", "artifacts", "metrics"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file():
+                found[str(path.relative_to(root))] = path.read_bytes()
+    return found
+
+
+def _run_all(paths: Paths, raw: dict) -> None:
+    params = Params.from_dict(raw)
+    pipeline.fit_zca(params, paths)
+    pipeline.buffers(params, paths)
+    pipeline.fullset(params, paths)
+    for ipc in params.ipcs:
+        pipeline.distill(params, paths, ipc)
+        pipeline.evaluate_ipc(params, paths, ipc)
+
+
+# --- 1. a bad parameter never costs finished work -----------------------------------------------
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("width", 0, "net: width and depth must be >= 1"),
+    ("width", "x", "net.width must be int"),
+    ("depth", 9, "net: depth 9 pools"),
+])
+def test_a_bad_net_setting_keeps_every_finished_expert(tmp_path, key, value, fragment, capsys,
+                                                       monkeypatch):
+    monkeypatch.setenv("DATM_TRACKING", "off")
+    paths = Paths(tmp_path)
+    write_splits(paths)
+    raw = tiny_raw()
+    pipeline.fit_zca(Params.from_dict(raw), paths)
+    pipeline.buffers(Params.from_dict(raw), paths)
+    before = {p.name: p.read_bytes() for p in paths.buffers.iterdir()}
+    raw["net"][key] = value
+    helpers.write_params(tmp_path, raw)
+    from stages import buffers as stage
+
+    code = common.guarded(lambda: stage.run(str(tmp_path / "params.yaml"), str(tmp_path)))
+    assert code == 2
+    assert fragment in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in paths.buffers.iterdir()} == before
+
+
+@pytest.mark.parametrize("section, key, value, fragment", [
+    ("zca", "eps", "x", "zca.eps must be float"),
+    ("evaluate", "models", 1.5, "evaluate.models must be int"),
+    ("buffers", "lr", None, "buffers.lr must be set"),
+    ("augment", "enabled", "yes", "augment.enabled must be bool"),
+])
+def test_wrong_types_are_config_errors_that_name_the_key(section, key, value, fragment):
+    raw = tiny_raw()
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        Params.from_dict(raw)
+
+
+def test_wrong_types_in_an_ipc_table_name_the_ipc():
+    raw = tiny_raw()
+    raw["distill"]["ipc"][2]["lr_img"] = "x"
+    with pytest.raises(ConfigError, match=r"distill\.ipc\.2\.lr_img must be float"):
+        Params.from_dict(raw)
+    raw["distill"]["ipc"][2]["lr_img"] = "1e3"  # YAML reads 1e3 (no dot) as a string
+    assert Params.from_dict(raw).distill(2).lr_img == 1000.0
+
+
+def test_numbers_are_accepted_where_floats_are_expected():
+    raw = tiny_raw()
+    raw["buffers"]["lr"] = 1  # an int where a float is meant is fine
+    assert Params.from_dict(raw).buffers.lr == 1.0
+
+
+@pytest.mark.parametrize("device, fragment", [
+    ("gpu", "device must be auto, cpu, cuda or cuda:N"),
+    ("cuda:", "device must be auto"),
+])
+def test_a_device_that_does_not_exist_is_a_config_error(device, fragment):
+    raw = tiny_raw()
+    raw["device"] = device
+    with pytest.raises(ConfigError, match=fragment):
+        Params.from_dict(raw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_a_gpu_is_a_config_error():
+    raw = tiny_raw()
+    raw["device"] = "cuda"
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        Params.from_dict(raw).torch_device()
+
+
+# --- 2. byte-reproducible artifacts, identities by content --------------------------------------
+
+def test_safetensors_header_is_the_same_bytes_every_time(tmp_path):
+    # safetensors writes its metadata map in no fixed order: datm keeps one key.
+    blobs = set()
+    for i in range(6):
+        path = artifacts.save(tmp_path / f"a{i}.safetensors", {"x": torch.arange(3.0)}, "k",
+                              {"b": 1, "a": [1, 2], "c": {"z": 0, "y": 1}})
+        blobs.add(path.read_bytes())
+    assert len(blobs) == 1
+
+
+def test_every_stage_writes_the_same_bytes_twice(tmp_path):
+    raw = tiny_raw()
+    raw["evaluate"]["models"] = 2
+    runs = []
+    for name in ("one", "two"):
+        paths = Paths(tmp_path / name)
+        write_splits(paths)
+        _run_all(paths, raw)
+        runs.append(_files(paths.root))
+    assert sorted(runs[0]) == sorted(runs[1])
+    assert any(k.startswith("artifacts/buffers/") for k in runs[0])
+    differ = [k for k in runs[0] if runs[0][k] != runs[1][k]]
+    assert not differ, f"not byte-reproducible: {differ}"
+
+
+def test_download_stage_is_byte_reproducible(tmp_path):
+    helpers.make_fashion_mnist(tmp_path / "standin")
+    raw = tiny_raw()
+    raw["data"]["root"] = str(tmp_path / "standin")
+    params = Params.from_dict(raw)
+    blobs = []
+    for name in ("one", "two"):
+        paths = Paths(tmp_path / name)
+        pipeline.download(params, paths)
+        blobs.append((paths.train.read_bytes(), paths.test.read_bytes()))
+    assert blobs[0] == blobs[1]
+
+
+def test_rewriting_unchanged_inputs_invalidates_nothing_downstream(tmp_path):
+    paths = Paths(tmp_path)
+    write_splits(paths)
+    raw = tiny_raw()
+    _run_all(paths, raw)
+    before = _files(tmp_path)
+    params = Params.from_dict(raw)
+    # the same data saved again (another source folder recorded) and the ZCA fitted again
+    train = data.Split.load(paths.train)
+    train.source = "/somewhere/else"
+    train.save(paths.train, "train")
+    pipeline.fit_zca(params, paths)
+    events: list[dict] = []
+    pipeline.buffers(params, paths, events.append)
+    assert [e for e in events if e["event"] == "expert"] == [], "experts were retrained"
+    summary = pipeline.distill(params, paths, 2)
+    assert summary["resumed_at"] == summary["iterations"], "the distillation started over"
+    after = _files(tmp_path)
+    assert after["artifacts/distilled/ipc_2.safetensors"] == \
+        before["artifacts/distilled/ipc_2.safetensors"]
+
+
+def test_content_digest_ignores_bookkeeping_metadata_but_not_values(tmp_path):
+    a = artifacts.save(tmp_path / "a.safetensors", {"x": torch.ones(3)}, "k", {"source": "/a"})
+    b = artifacts.save(tmp_path / "b.safetensors", {"x": torch.ones(3)}, "k", {"source": "/b"})
+    c = artifacts.save(tmp_path / "c.safetensors", {"x": torch.ones(3) * 2}, "k")
+    assert artifacts.content_digest(a) == artifacts.content_digest(b)
+    assert artifacts.content_digest(a) != artifacts.content_digest(c)
+    assert artifacts.content_digest(a, ("source",)) != artifacts.content_digest(b, ("source",))
+
+
+# --- 4. no silent fallbacks ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("section", ["buffers", "net", "evaluate", "distill"])
+def test_a_missing_section_is_an_error_not_code_defaults(section):
+    raw = tiny_raw()
+    del raw[section]
+    with pytest.raises(ConfigError, match=f"lack the '{section}' section"):
+        Params.from_dict(raw)
+
+
+def test_fashion_mnist_root_typo_is_an_error_not_debians_copy(tmp_path):
+    cfg = DataConfig(name="fashion_mnist", root=str(tmp_path / "datsets"))
+    with pytest.raises(DataError, match="datsets"):
+        data.load(cfg)
+
+
+def test_fashion_mnist_default_root_may_use_debians_copy(tmp_path, monkeypatch):
+    debian = helpers.make_fashion_mnist(tmp_path / "debian")
+    monkeypatch.setattr(data, "DEBIAN_FMNIST", debian)
+    monkeypatch.chdir(tmp_path)
+    train, _ = data.load(DataConfig(name="fashion_mnist"))
+    assert train.source == str(debian)
+
+
+def _image(path: Path, value: int = 128) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (8, 8), value).save(path)
+
+
+def test_imagefolder_with_one_class_is_refused(tmp_path):
+    for i in range(4):
+        _image(tmp_path / "only" / f"{i}.png")
+    with pytest.raises(DataError, match="1 class folder"):
+        data.load(DataConfig(name="imagefolder", root=str(tmp_path), channels=1, im_size=8))
+
+
+def test_imagefolder_with_an_empty_class_is_refused(tmp_path):
+    for i in range(4):
+        _image(tmp_path / "a" / f"{i}.png")
+    (tmp_path / "b").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        data.load(DataConfig(name="imagefolder", root=str(tmp_path), channels=1, im_size=8))
+
+
+def test_a_corrupt_image_is_named(tmp_path):
+    for c in "ab":
+        for i in range(4):
+            _image(tmp_path / c / f"{i}.png")
+    (tmp_path / "b" / "9.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot read image .*9\.png"):
+        data.load(DataConfig(name="imagefolder", root=str(tmp_path), channels=1, im_size=8))
+
+
+def test_a_distilled_set_with_nan_is_not_evaluated(tmp_path):
+    paths = Paths(tmp_path)
+    write_splits(paths)
+    raw = tiny_raw()
+    params = Params.from_dict(raw)
+    pipeline.fit_zca(params, paths)
+    pipeline.buffers(params, paths)
+    pipeline.distill(params, paths, 1)
+    tensors, meta = pipeline.load_distilled(paths.distilled(1))
+    tensors["images"][0, 0, 0, 0] = float("nan")
+    artifacts.save(paths.distilled(1), tensors, "distilled", meta)
+    with pytest.raises(DistillError, match="NaN"):
+        pipeline.evaluate_ipc(params, paths, 1)
+    assert not paths.evaluation(1).exists()
+
+
+# --- 5. errors a person can act on --------------------------------------------------------------
+
+def test_a_dataset_card_that_is_not_json_is_named(tmp_path):
+    from datm.export import CARD, read
+
+    (tmp_path / CARD).write_text("{not json")
+    with pytest.raises(ExportError, match=CARD):
+        read(tmp_path)
+
+
+def test_user_errors_share_one_base_and_bugs_are_not_hidden(capsys):
+    def bug() -> None:
+        raise ValueError("a real bug")
+
+    with pytest.raises(ValueError):
+        common.guarded(bug)
+
+    def mistake() -> None:
+        raise ConfigError("bad key")
+
+    assert common.guarded(mistake) == 2
+    assert "error: bad key" in capsys.readouterr().err
+
+
+def test_metrics_files_other_stages_read_hold_no_wall_time(tmp_path):
+    paths = Paths(tmp_path)
+    write_splits(paths)
+    _run_all(paths, tiny_raw())
+    for path in (paths.fullset, paths.evaluation(1)):
+        assert "seconds" not in json.dumps(json.loads(path.read_text()))

@@ -83,7 +83,9 @@ def evaluate(ipc: Annotated[int | None, typer.Option(help="evaluate this distill
     if ipc is not None:
         _run(lambda: stage.run(ipc, str(params), str(root)))
     else:
-        _run(lambda: stage.run_export(from_, str(params), str(root)))
+        from stages import export as from_stage
+
+        _run(lambda: from_stage.evaluate_folder(from_, str(params), str(root)))
 
 
 @app.command()
@@ -102,14 +104,9 @@ def export(ipc: Annotated[int, typer.Option(help="which distilled IPC")],
            force: Annotated[bool, typer.Option(help="overwrite a non-empty --out")] = False,
            root: RootOpt = Path(".")) -> None:
     """Write a distilled set in pixel space with soft labels, lr and a dataset card."""
-    from datm import pipeline
-    from datm.tracking import git_commit
+    from stages import export as stage
 
-    def go() -> None:
-        path = pipeline.export_ipc(common.paths(root), ipc, format, out, force, git_commit(root))
-        common.console.print(f"[green]exported[/] IPC {ipc} as {format} -> {path}")
-
-    _run(go)
+    _run(lambda: stage.export(ipc, format, out, force, str(root)))
 
 
 @app.command()
@@ -141,14 +138,50 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
 def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
        root: RootOpt = Path(".")) -> None:
     """Serve the MLflow UI on the local store, on loopback only."""
+    import signal
+    import socket
+    import time
+
     from datm.tracking import default_uri
 
+    with socket.socket() as probe:  # the server would only log the clash, then exit 0
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            common.console.print(f"[bold red]error:[/] port {port} on 127.0.0.1 is taken "
+                                 f"({exc.strerror}): pick another with --port", highlight=False)
+            raise typer.Exit(2) from None
     uri = default_uri(root)
     common.console.print(f"MLflow UI for {uri} at http://127.0.0.1:{port}  (Ctrl-C stops it)")
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    raise typer.Exit(subprocess.call([mlflow, "ui", "--host", "127.0.0.1", "--port", str(port),
-                                      "--backend-store-uri", uri], env=env))
+    # A process group of its own, so that stopping datm stops the server's workers too: a
+    # signal to datm alone would leave them listening.
+    server = subprocess.Popen([mlflow, "ui", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", uri], env=env, start_new_session=True)
+    received: list[int] = []
+
+    def signal_group(signum: int) -> bool:
+        """Send `signum` to the server's group; False if nothing is left in it."""
+        try:
+            os.killpg(server.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def forward(signum: int, _frame) -> None:
+        received.append(signum)
+        signal_group(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = server.wait()
+    deadline = time.monotonic() + 5  # workers outliving the server get a moment, then KILL
+    while signal_group(0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    signal_group(signal.SIGKILL)
+    raise typer.Exit(128 + received[0] if received else code)
 
 
 @app.command()

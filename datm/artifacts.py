@@ -21,6 +21,8 @@ from safetensors.torch import save_file
 
 from .errors import UserError
 
+HEADER = "datm"  # the one safetensors metadata key: {"kind": ..., "meta": {...}} as JSON
+
 
 class ArtifactError(UserError):
     """A missing, corrupt or mismatched artifact; the message is meant for a user."""
@@ -48,7 +50,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str,
          meta: dict[str, Any] | None = None) -> Path:
     """Write tensors plus JSON metadata atomically."""
-    header = {"kind": kind, "meta": json.dumps(meta or {}, sort_keys=True)}
+    # One header key: safetensors writes its metadata map in no fixed order, so two keys would
+    # make the same artifact come out as different bytes (and DVC would see a change).
+    header = {HEADER: json.dumps({"kind": kind, "meta": meta or {}}, sort_keys=True)}
     # safetensors refuses non-contiguous or shared storage; clone keeps callers' views untouched.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
@@ -64,22 +68,29 @@ def _open(path: Path, kind: str | None):
         header = handle.metadata() or {}
     except Exception as exc:  # safetensors raises several types for a damaged header
         raise ArtifactError(f"corrupt artifact {path}: {exc}") from None
-    found = header.get("kind")
-    if kind is not None and found != kind:
-        raise ArtifactError(f"{path} is a '{found}' artifact, expected '{kind}'")
     try:
-        meta = json.loads(header.get("meta", "{}"))
-    except json.JSONDecodeError:
-        raise ArtifactError(f"corrupt artifact {path}: unreadable metadata") from None
+        found = json.loads(header[HEADER])
+        meta = found["meta"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ArtifactError(f"{path} is not a datm artifact of this version (no readable "
+                            f"'{HEADER}' header): remake it with its stage") from None
+    if kind is not None and found.get("kind") != kind:
+        raise ArtifactError(f"{path} is a '{found.get('kind')}' artifact, expected '{kind}'")
     return handle, meta
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes: the identity of an input that other artifacts were made from."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+def content_digest(path: str | os.PathLike, meta_keys: tuple[str, ...] = ()) -> str:
+    """sha256 of what an artifact holds: every tensor (name, dtype, shape, values) and the
+    chosen metadata keys. This is the identity of an input that other artifacts are made from,
+    so a rewrite with equal content (or other bookkeeping metadata) changes nothing downstream.
+    """
+    tensors, meta = load(path)
+    digest = hashlib.sha256(json.dumps({k: meta.get(k) for k in meta_keys},
+                                       sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -113,3 +124,27 @@ def load_rows(path: str | os.PathLike, key: str, rows: list[int],
         return torch.stack([sl[r:r + 1][0] for r in rows])
     except Exception as exc:
         raise ArtifactError(f"corrupt artifact {path}: {exc}") from None
+
+
+def remove_stale_temps(target: str | os.PathLike) -> None:
+    """Remove what killed writers of `target` left beside it: `atomic_path`'s temp files, and
+    temp folders named the same way (`.<name>.<random>.tmp`, as `export` makes them).
+
+    Call it only while no other process can be writing `target` (hold its lock): a live
+    writer's temp file looks just like a dead one's.
+    """
+    import shutil
+
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    head, tail = f".{target.name}.", ".tmp"
+    for stale in target.parent.iterdir():
+        name = stale.name
+        middle = name[len(head):-len(tail)] if name.startswith(head) and name.endswith(tail) else ""
+        if not middle or "." in middle:  # mkstemp's random part never holds a dot
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)

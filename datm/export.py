@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifacts
+from . import artifacts, locks
 from .errors import UserError
 
 FORMATS = ("safetensors", "pt", "npz", "png")
@@ -41,28 +41,76 @@ def export(pixels: torch.Tensor, logits: torch.Tensor, lr: float, classes: list[
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise ExportError(f"{out} exists and is not empty: pass --force to overwrite it")
-        if not (out / CARD).is_file():
-            # --force replaces an earlier export, never an arbitrary folder (think --out .)
-            raise ExportError(f"{out} is not a datm export (no {CARD}): refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write(tmp, pixels.float().clamp(0, 1).cpu(), logits.float().cpu(), lr, classes, fmt)
-        full_card = {**card, "format": fmt, "classes": classes, "num_images": pixels.shape[0],
-                     "shape": list(pixels.shape[1:]), "lr": lr}
-        (tmp / CARD).write_text(json.dumps(full_card, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(card_markdown(full_card))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        return _export(pixels, logits, lr, classes, out, fmt, card, force)
+    except OSError as exc:  # an unwritable or full destination: a user's to fix, not a bug
+        raise ExportError(f"cannot write the export to {out}: {exc.strerror or exc}") from None
+
+
+def _export(pixels: torch.Tensor, logits: torch.Tensor, lr: float, classes: list[str],
+            out: Path, fmt: str, card: dict, force: bool) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locks.hold(out.parent / f".{out.name}.lock", f"{out} is being exported"):
+        _recover(out)
+        artifacts.remove_stale_temps(out)  # a killed export's half-written folders
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            if not force:
+                raise ExportError(f"{out} exists and is not empty: pass --force to overwrite it")
+            if not (out / CARD).is_file():
+                # --force replaces an earlier export, never an arbitrary folder (think --out .)
+                raise ExportError(f"{out} is not a datm export (no {CARD}): refusing to replace it")
+        # Named like atomic_path's temp files, so that remove_stale_temps finds it after a kill.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            _write(tmp, pixels.float().clamp(0, 1).cpu(), logits.float().cpu(), lr, classes, fmt)
+            full_card = {**card, "format": fmt, "classes": classes, "num_images": pixels.shape[0],
+                         "shape": list(pixels.shape[1:]), "lr": lr}
+            (tmp / CARD).write_text(json.dumps(full_card, indent=2, sort_keys=True) + "\n")
+            (tmp / "README.md").write_text(card_markdown(full_card))
+            os.chmod(tmp, 0o755)
+            _swap(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     return out
+
+
+def _aside(out: Path) -> Path:
+    """Where --force keeps the export it replaces until the new one is in place."""
+    return out.parent / f".{out.name}.previous"
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Rename `new` to `out`. An export already there is renamed aside first and deleted last,
+    so whenever this stops, a complete export is at `out` or aside (`_recover` sorts it out)."""
+    aside = _aside(out)
+    if out.exists():
+        os.replace(out, aside)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if aside.exists() and not out.exists():
+            try:
+                os.replace(aside, out)  # the old export back in place
+            except OSError:
+                pass  # then the next export's _recover does it
+        raise
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
+def _recover(out: Path) -> None:
+    """Finish a swap that a kill interrupted: the old export waits aside."""
+    aside = _aside(out)
+    if not aside.is_dir():
+        return
+    if (out / CARD).is_file():
+        shutil.rmtree(aside)  # the new export made it in: the old one can go
+    elif not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        os.replace(aside, out)  # killed before the new one was in place: the old one returns
+    else:
+        raise ExportError(f"{aside} holds an earlier export and {out} is not one: "
+                          "move one of them away")
 
 
 def _write(folder: Path, pixels: torch.Tensor, logits: torch.Tensor, lr: float,
@@ -93,32 +141,63 @@ def _write(folder: Path, pixels: torch.Tensor, logits: torch.Tensor, lr: float,
 
 
 def read(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
-    """(pixels [N, C, H, W] in [0, 1], label logits, lr, card) of an export directory."""
+    """(pixels [N, C, H, W] in [0, 1], label logits, lr, card) of an export directory.
+
+    A missing, truncated or unreadable file is an ExportError that names it.
+    """
     folder = Path(folder)
     if not (folder / CARD).is_file():
         raise ExportError(f"{folder} is not a datm export (no {CARD})")
-    card = json.loads((folder / CARD).read_text())
+    try:
+        card = json.loads((folder / CARD).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{folder / CARD} is not readable JSON: {exc}") from None
+    if not isinstance(card, dict):
+        raise ExportError(f"{folder / CARD} must hold a JSON object")
     fmt = card.get("format")
-    if fmt == "safetensors":
-        t, _ = artifacts.load(folder / "images.safetensors", "export")
-    elif fmt == "pt":
-        t = torch.load(folder / "images.pt", weights_only=True)
-    elif fmt == "npz":
-        with np.load(folder / "images.npz") as z:
-            t = {k: torch.from_numpy(z[k]) for k in z.files}
-    elif fmt == "png":
-        from PIL import Image
-
-        t, meta = artifacts.load(folder / LABELS, "export-labels")
-        images = []
-        for name in meta["files"]:
-            with Image.open(folder / name) as im:
-                arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-            images.append(arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1))
-        t["images"] = torch.stack(images).float() / 255
-    else:
-        raise ExportError(f"{folder}/{CARD} names an unknown format '{fmt}'")
+    if fmt not in FORMATS:
+        raise ExportError(f"{folder / CARD} names an unknown format '{fmt}'")
+    t = _read_tensors(folder, fmt)
+    missing = [k for k in ("images", "label_logits", "lr") if k not in t]
+    if missing:
+        raise ExportError(f"{folder} lacks {', '.join(missing)} in its {fmt} file")
     return t["images"].float(), t["label_logits"].float(), float(t["lr"].reshape(-1)[0]), card
+
+
+def _read_tensors(folder: Path, fmt: str) -> dict[str, torch.Tensor]:
+    path = folder / (LABELS if fmt == "png" else f"images.{fmt}")
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: the export is incomplete")
+    try:
+        if fmt == "safetensors":
+            return artifacts.load(path, "export")[0]
+        if fmt == "pt":
+            return torch.load(path, weights_only=True)
+        if fmt == "npz":
+            with np.load(path) as z:
+                return {k: torch.from_numpy(z[k]) for k in z.files}
+        t, meta = artifacts.load(path, "export-labels")
+        t["images"] = torch.stack([_read_png(folder / name) for name in meta["files"]]) / 255
+        return t
+    except ExportError:
+        raise
+    except artifacts.ArtifactError as exc:
+        raise ExportError(str(exc)) from None
+    except Exception as exc:  # numpy, zipfile and pickle raise many types for a damaged file
+        raise ExportError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+
+
+def _read_png(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: the export is incomplete")
+    try:
+        with Image.open(path) as im:
+            arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+    except OSError as exc:
+        raise ExportError(f"cannot read image {path}: {exc}") from None
+    return (arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)).float()
 
 
 def card_markdown(card: dict) -> str:

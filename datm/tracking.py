@@ -8,11 +8,16 @@ MLFLOW_TRACKING_URI overrides it.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
+
+from . import locks
+from .errors import UserError
 
 DEFAULT_EXPERIMENT = "datm"
 
@@ -20,6 +25,43 @@ DEFAULT_EXPERIMENT = "datm"
 def default_uri(root: str | Path = ".") -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or \
         f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def _store_lock(uri: str):
+    """Serializes first use of a SQLite store: MLflow creates and migrates its tables on first
+    use, and two processes doing that at once can crash each other. Other stores (a tracking
+    server) serialize themselves."""
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    db = Path(uri[len("sqlite:///"):].split("?")[0])
+    return locks.hold(db.parent / f".{db.name}.lock", wait=True)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The experiment's id, made if missing. Another process can make it between our look and
+    our create: then the create fails, and a second look finds it."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                return client.create_experiment(name)  # the one retry
+    return exp.experiment_id
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _git(root: str | Path, *args: str) -> str | None:
@@ -37,6 +79,10 @@ def git_commit(root: str | Path = ".") -> str:
 def git_dirty(root: str | Path = ".") -> bool:
     """Whether tracked files differ from the commit (the run is then not exactly that commit)."""
     return bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
+
+
+class TrackingError(UserError):
+    """The MLflow store cannot be opened or written; the message names it."""
 
 
 class Tracker:
@@ -67,14 +113,37 @@ class Tracker:
         except ImportError:
             return self
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        self.client = MlflowClient(tracking_uri=default_uri(self.root))
-        exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        uri = default_uri(self.root)
+        try:
+            with _store_lock(uri):
+                self.client = MlflowClient(tracking_uri=uri)  # creates the tables of a new store
+                exp_id = _experiment_id(self.client, self.experiment)
+        except Exception as exc:  # mlflow, sqlalchemy and the OS raise many types here
+            raise TrackingError(
+                f"cannot use the MLflow store {uri}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''} (set MLFLOW_TRACKING_URI to a "
+                "writable store, or DATM_TRACKING=off)") from None
+        self._end_dead_runs(exp_id)
+        # pid and host: how a later run of this stage tells that this one was killed
         tags = {"stage": self.stage, "git_commit": git_commit(self.root),
                 "git_dirty": str(git_dirty(self.root)).lower(),
-                "mlflow.runName": self.run_name, "mlflow.source.name": "datm"}
+                "mlflow.runName": self.run_name, "mlflow.source.name": "datm",
+                "pid": str(os.getpid()), "host": socket.gethostname()}
         self.run_id = self.client.create_run(exp_id, tags=tags).info.run_id
         return self
+
+    def _end_dead_runs(self, exp_id: str) -> None:
+        """Mark KILLED the runs of this stage and run name that a killed process left RUNNING.
+
+        Only runs whose process is known to be gone: recorded on this host, pid not alive.
+        """
+        host = socket.gethostname()
+        for run in self.client.search_runs([exp_id], "attributes.status = 'RUNNING'"):
+            tags = run.data.tags
+            if (tags.get("stage") == self.stage and tags.get("mlflow.runName") == self.run_name
+                    and tags.get("host") == host and tags.get("pid", "").isdigit()
+                    and not _alive(int(tags["pid"]))):
+                self.client.set_terminated(run.info.run_id, status="KILLED")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.active:

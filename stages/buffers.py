@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from datm import pipeline
+from datm.steps.buffers import buffers
+from datm.steps.project import write_json
 from datm.tracking import Tracker
 from stages import common
 
@@ -40,9 +41,9 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
                 bar.console.print(f"expert {e['index']}: test acc "
                                   f"{e['meta']['test_acc'][-1]:.4f} in {e['seconds']:.0f}s")
 
-        summary = pipeline.buffers(p, pa, on_event)
+        summary = buffers(p, pa, on_event)
         tracker.metrics({"expert_acc": summary["expert_acc"]}, 0)
-    pipeline.write_json(pa.metrics / "buffers.json", summary)
+    write_json(pa.metrics / "buffers.json", summary)
     runs = summary["runs"]
     timed = [r for r in runs if r["seconds"]]
     images = sum(r["images_per_second"] * r["seconds"] for r in timed)

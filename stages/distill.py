@@ -9,7 +9,9 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from datm import pipeline
+from datm import artifacts, locks
+from datm.config import Paths
+from datm.steps.distill import distill
 from datm.tracking import Tracker
 from datm.visual import class_grid, save_png
 from stages import common
@@ -24,11 +26,20 @@ def _log_grid(tracker: Tracker, holder: dict, iteration: int) -> None:
         tracker.artifact(save_png(grid, Path(tmp) / f"grid_{iteration:06d}.png"), "grids")
 
 
+def ipc_lock(pa: Paths, ipc: int):
+    """One process at a time distills an IPC: its checkpoint and result have a single writer."""
+    return locks.hold(pa.checkpoint(ipc).with_suffix(".lock"), f"IPC {ipc} is being distilled")
+
+
 def run(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = False) -> dict:
     p, pa = common.load(params), common.paths(root)
     cfg = p.distill(ipc)
-    with Tracker("distill", root, run_name=f"distill@{ipc}") as tracker, \
+    # The lock first: a refused run leaves no trace, not even an MLflow run.
+    with ipc_lock(pa, ipc), Tracker("distill", root, run_name=f"distill@{ipc}") as tracker, \
             common.progress_bar() as bar:
+        # Under the lock nobody else writes these: a temp file beside them is a killed run's.
+        artifacts.remove_stale_temps(pa.distilled(ipc))
+        artifacts.remove_stale_temps(pa.checkpoint(ipc))
         tracker.params({"distill": asdict(cfg), "augment": asdict(p.augment)})
         tracker.tags({"ipc": str(ipc)})
         task = bar.add_task(f"distill ipc {ipc}", total=cfg.iterations, info="")
@@ -55,7 +66,7 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = Fa
                 if it % cfg.grid_every == 0:
                     _log_grid(tracker, holder, it)
 
-        summary = pipeline.distill(p, pa, ipc, on_event, fresh=fresh)
+        summary = distill(p, pa, ipc, on_event, fresh=fresh)
         tracker.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))},
                         summary["iterations"])
     done = summary["iterations"] - summary["resumed_at"]

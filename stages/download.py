@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from datm import pipeline
+from datm.steps.download import download
 from datm.tracking import Tracker
 from stages import common
 
@@ -14,7 +14,7 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
     with Tracker("download", root) as tracker:
         tracker.params(asdict(p.data), "data.")
         with common.console.status(f"reading {p.data.name}"):
-            summary = pipeline.download(p, pa)
+            summary = download(p, pa)
         tracker.metrics({"train_images": summary["train_images"],
                          "test_images": summary["test_images"]}, 0)
     common.console.print(f"[green]download:[/] {summary['train_images']} train / "

@@ -6,8 +6,9 @@ import csv
 import json
 from pathlib import Path
 
-from datm import artifacts, pipeline
+from datm import artifacts
 from datm.config import Params, Paths
+from datm.steps.project import distilled_pixels, load_distilled
 from datm.tracking import Tracker
 from datm.visual import class_grid, save_png
 from stages import common
@@ -49,8 +50,8 @@ def _accuracy_figure(rows: list[dict], path: Path):
 def _grids(p: Params, pa: Paths) -> list[Path]:
     out = []
     for ipc in p.ipcs:
-        tensors, meta = pipeline.load_distilled(pa.distilled(ipc))
-        pixels = pipeline.distilled_pixels(pa, tensors, meta)
+        tensors, meta = load_distilled(pa.distilled(ipc))
+        pixels = distilled_pixels(pa, tensors, meta)
         out.append(save_png(class_grid(pixels, len(meta["classes"])),
                             pa.reports / f"grid_ipc_{ipc}.png"))
         history = tensors["history"].tolist()

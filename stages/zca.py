@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from datm import pipeline
+from datm.steps.zca import fit_zca
 from datm.tracking import Tracker
 from stages import common
 
@@ -14,7 +14,7 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
     with Tracker("zca", root) as tracker:
         tracker.params(asdict(p.zca), "zca.")
         with common.console.status("fitting ZCA"):
-            summary = pipeline.fit_zca(p, pa)
+            summary = fit_zca(p, pa)
     state = f"eps {p.zca.eps}" if summary["enabled"] else "disabled (identity)"
     common.console.print(f"[green]zca:[/] {state} -> {pa.zca}")
     return summary

@@ -14,7 +14,7 @@ from test_steps import tiny_raw, write_splits
 from datm import artifacts, data, pipeline
 from datm.config import ConfigError, Params, Paths
 from datm.data import DataConfig, DataError
-from datm.distill import DistillError
+from datm.errors import UserError
 from datm.export import ExportError
 from stages import common
 
@@ -249,7 +249,7 @@ def test_a_distilled_set_with_nan_is_not_evaluated(tmp_path):
     tensors, meta = pipeline.load_distilled(paths.distilled(1))
     tensors["images"][0, 0, 0, 0] = float("nan")
     artifacts.save(paths.distilled(1), tensors, "distilled", meta)
-    with pytest.raises(DistillError, match="NaN"):
+    with pytest.raises(UserError, match="NaN"):
         pipeline.evaluate_ipc(params, paths, 1)
     assert not paths.evaluation(1).exists()
 
@@ -284,3 +284,50 @@ def test_metrics_files_other_stages_read_hold_no_wall_time(tmp_path):
     _run_all(paths, tiny_raw())
     for path in (paths.fullset, paths.evaluation(1)):
         assert "seconds" not in json.dumps(json.loads(path.read_text()))
+
+
+def test_an_unusable_mlflow_store_is_a_user_error(tmp_path, monkeypatch):
+    from datm.tracking import Tracker
+
+    monkeypatch.setenv("DATM_TRACKING", "on")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/mlflow.db")
+    with pytest.raises(UserError, match="cannot use the MLflow store"):
+        with Tracker("zca", tmp_path):
+            pass
+
+
+def _tiny_export(tmp_path: Path, fmt: str) -> Path:
+    from datm.export import export
+
+    pixels = torch.rand(4, 1, 8, 8)
+    logits = torch.randn(4, 2)
+    return export(pixels, logits, 0.01, ["a", "b"], tmp_path / f"out_{fmt}", fmt, {"ipc": 2})
+
+
+def test_export_to_an_unwritable_place_is_a_user_error(tmp_path):
+    from datm.export import export
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ExportError, match="cannot write the export"):
+        export(torch.rand(2, 1, 8, 8), torch.randn(2, 2), 0.01, ["a", "b"], blocker / "x",
+               "png", {})
+
+
+@pytest.mark.parametrize("fmt, damage, fragment", [
+    ("npz", lambda d: (d / "images.npz").write_bytes(b"PK\x03\x04 truncated"), "images.npz"),
+    ("safetensors", lambda d: (d / "images.safetensors").unlink(), "is missing"),
+    ("png", lambda d: next(d.rglob("*.png")).unlink(), "is missing"),
+    ("png", lambda d: next(d.rglob("*.png")).write_bytes(b"not a png"), "cannot read image"),
+    ("pt", lambda d: (d / "images.pt").write_bytes(b"garbage"), "images.pt"),
+])
+def test_a_damaged_export_names_the_file(tmp_path, fmt, damage, fragment):
+    from datm.export import read
+
+    out = _tiny_export(tmp_path, fmt)
+    assert read(out)[0].shape == (4, 1, 8, 8)
+    damage(out)
+    with pytest.raises(ExportError, match=fragment):
+        read(out)

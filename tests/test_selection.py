@@ -196,7 +196,9 @@ def test_pipeline_selects_on_training_images_never_the_test_split(monkeypatch, t
     pipeline.fit_zca(params, project)
     pipeline.buffers(params, project)
 
-    real_model_data = pipeline.model_data
+    from datm.steps import distill as distill_step
+
+    real_model_data = distill_step.model_data
     train_x: list[torch.Tensor] = []
 
     def poisoned(paths, device):
@@ -212,7 +214,7 @@ def test_pipeline_selects_on_training_images_never_the_test_split(monkeypatch, t
         seen.append((x_test, y_test))
         return real_train(spec, xs, targets, lr, epochs, cfg, aug, x_test, y_test, seed, callback)
 
-    monkeypatch.setattr(pipeline, "model_data", poisoned)
+    monkeypatch.setattr(distill_step, "model_data", poisoned)
     monkeypatch.setattr(evaluate, "train_and_test", spy)
     summary = pipeline.distill(params, project, 2)
     assert len(seen) == 2  # iterations 2 and 3 (the end)

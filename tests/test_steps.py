@@ -16,6 +16,7 @@ import torch
 from datm import artifacts, data, pipeline
 from datm.config import ConfigError, Params, Paths
 from datm.distill import DistillError
+from datm.export import ExportError
 
 
 def tiny_raw(eps: float = 0.1, **buffers) -> dict:
@@ -142,7 +143,7 @@ def test_distill_evaluate_export_in_process(project, tmp_path):
     ev = pipeline.evaluate_ipc(params, project, 2)
     # the metrics file is the summary without wall time (evaluate's file must not vary by run)
     assert "seconds" in ev
-    assert json.loads(project.evaluation(2).read_text()) == pipeline._settled(ev)
+    assert json.loads(project.evaluation(2).read_text()) == pipeline.settled(ev)
     assert 0 <= ev["distilled"] <= 1 and 0 <= ev["random_real"] <= 1
 
     out = pipeline.export_ipc(project, 2, "safetensors", tmp_path / "export")
@@ -166,12 +167,12 @@ def test_distill_refuses_experts_of_another_dataset(project):
 
 
 def test_export_of_a_missing_ipc_lists_the_distilled_ones(project, tmp_path):
-    with pytest.raises(DistillError, match="none yet"):
+    with pytest.raises(ExportError, match="none yet"):
         pipeline.export_ipc(project, 5, "png", tmp_path / "x")
     project.distilled(3).parent.mkdir(parents=True)
     for ipc in (10, 3):
         project.distilled(ipc).write_bytes(b"")
-    with pytest.raises(DistillError, match=r"distilled IPCs: 3, 10\)"):
+    with pytest.raises(ExportError, match=r"distilled IPCs: 3, 10\)"):
         pipeline.export_ipc(project, 5, "png", tmp_path / "x")
 
 

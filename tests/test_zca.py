@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from datm import artifacts, data, export, pipeline, zca
+from datm import artifacts, data, evaluate, export, pipeline, zca
 from datm.artifacts import ArtifactError
 from datm.config import Params, Paths
 
@@ -253,6 +253,6 @@ def test_evaluate_export_reads_sets_back_into_the_pipelines_model_space(project,
         seen.append(x)
         return {"mean": 0.0, "std": 0.0, "accs": []}
 
-    monkeypatch.setattr(pipeline.evaluate, "evaluate_set", fake_evaluate_set)
+    monkeypatch.setattr(evaluate, "evaluate_set", fake_evaluate_set)
     pipeline.evaluate_export(params, project, folder)
     assert torch.allclose(seen[0], md.x[:6], atol=1e-4)

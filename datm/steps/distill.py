@@ -1,0 +1,56 @@
+"""Step distill@<ipc>: DATM for one IPC -> artifacts/distilled/ipc_<ipc>.safetensors."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+
+from .. import evaluate, experts
+from ..config import Params, Paths
+from ..distill import Distiller, DistillError, Selection
+from ..events import Callback
+from .project import model_data, quiet, settled
+
+
+def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
+            fresh: bool = False) -> dict:
+    cfg = params.distill(ipc)
+    device = params.torch_device()
+    buffer = experts.ExpertBuffer.open(paths.buffers)
+    md = model_data(paths, device)
+    if buffer.spec.num_classes != len(md.classes):
+        raise DistillError("experts and dataset disagree on the number of classes: rerun buffers")
+    inputs = [md.identity, buffer.metas[0]["hash"], len(buffer), asdict(params.augment)]
+    selection = None
+    if cfg.select_every:
+        # Validation images from the TRAINING split; the test split is never handed over.
+        val = evaluate.validation_subset(md.y, cfg.select_val_per_class, len(md.classes),
+                                         params.evaluate.seed)
+        spec = evaluate.arch_spec(md.spec(params), params.evaluate.arch)
+        selection = Selection(spec, params.evaluate, params.augment, md.x[val], md.y[val])
+        inputs += [asdict(params.evaluate), selection.spec.to_dict()]  # they change the choice
+    identity = cfg.digest(json.dumps(inputs))
+    state = None if fresh else Distiller.resume(paths.checkpoint(ipc), cfg, buffer,
+                                                params.augment, identity, device, selection)
+    resumed_at = state.iteration if state else 0
+    if state is None:
+        state = Distiller.create(cfg, buffer, md.x, md.y, params.augment, selection)
+    callback({"event": "start", "iteration": state.iteration, "iterations": cfg.iterations,
+              "resumed": resumed_at > 0, "initial": state, "pixels": md.pixels})
+    tic = time.perf_counter()
+    state.run(callback, paths.checkpoint(ipc), identity)
+    seconds = time.perf_counter() - tic
+    losses = [row[1] for row in state.history[-20:] if row[1] == row[1]]
+    summary = {"ipc": ipc, "iterations": state.iteration, "skipped": state.skipped,
+               "nonfinite": state.nonfinite, "final_loss": sum(losses) / max(len(losses), 1),
+               "learned_lr": float(state.lr), "seconds": seconds, "resumed_at": resumed_at,
+               "init_fallback_classes": len(state.init_report.get("fallback_classes", []))}
+    if state.best is not None:
+        summary.update(selected_iteration=state.best.iteration,
+                       selected_val_acc=state.best.val_acc, selected_lr=float(state.best.lr))
+    state.save_result(paths.distilled(ipc), {
+        "classes": md.classes, "mean": md.mean, "std": md.std, "zca": md.zca.enabled,
+        "dataset": params.data.name, "summary": settled(summary)})
+    callback({"event": "done", "state": state, "summary": summary})
+    return summary

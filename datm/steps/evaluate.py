@@ -1,0 +1,79 @@
+"""Steps fullset and evaluate@<ipc>: accuracy of fresh networks trained on each set."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .. import evaluate
+from ..config import EvalConfig, Params, Paths
+from ..errors import UserError
+from ..events import Callback
+from .project import load_distilled, model_data, quiet, write_json
+
+
+def check_finite(where: str | Path, **tensors: torch.Tensor) -> None:
+    """A set with NaN/inf would train to chance (10 %) and be reported as a number: refuse."""
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(f"{where}: {' and '.join(bad)} hold NaN or inf values (a diverged "
+                        "distillation?): refusing to evaluate it; distill again with a lower "
+                        "lr_img / lr_lr")
+
+
+def runs(name: str, result: dict, lr: float, epochs: int, cfg: EvalConfig) -> list[dict]:
+    """One record per trained model, for the metrics files' "runs" list."""
+    return [{"set": name, "model": k, "acc": acc, "lr": lr, "epochs": epochs,
+             "batch": cfg.batch, "arch": cfg.arch}
+            for k, acc in enumerate(result["accs"])]
+
+
+def fullset(params: Params, paths: Paths, callback: Callback = quiet) -> dict:
+    """Accuracy of the evaluation network trained on the whole real training set."""
+    cfg = params.evaluate
+    md = model_data(paths, params.torch_device())
+    # Its own batch: `batch` is sized for sets of tens to hundreds of images (a few SGD steps
+    # per epoch); on the whole training set it would mean thousands of tiny steps per epoch.
+    full_cfg = replace(cfg, batch=cfg.fullset_batch)
+    spec = evaluate.arch_spec(md.spec(params), cfg.arch)
+    result = evaluate.evaluate_set(spec, md.x, md.y, cfg.fullset_lr, cfg.fullset_epochs,
+                                   cfg.fullset_models, full_cfg, params.augment, md.x_test,
+                                   md.y_test, cfg.seed + 17, callback)
+    summary = {"full_dataset": result["mean"],
+               "runs": runs("full dataset", result, cfg.fullset_lr, cfg.fullset_epochs, full_cfg)}
+    write_json(paths.fullset, summary)  # evaluate@N depends on it: no wall times inside
+    return {**summary, "seconds": sum(result["seconds"])}
+
+
+def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = quiet) -> dict:
+    """Distilled set vs a random real subset of the same size vs the full set (cached)."""
+    cfg = params.evaluate
+    params.distill(ipc)  # a clear error for an IPC that is not configured
+    md = model_data(paths, params.torch_device())
+    tensors, meta = load_distilled(paths.distilled(ipc))
+    check_finite(paths.distilled(ipc), images=tensors["images"], labels=tensors["labels"],
+                 lr=tensors["lr"])
+    spec = evaluate.arch_spec(md.spec(params), cfg.arch)
+    lr = evaluate.distilled_lr(cfg, float(tensors["lr"][0]))
+    callback({"event": "set", "name": "distilled", "models": cfg.models})
+    dist = evaluate.evaluate_set(spec, tensors["images"].to(md.x.device),
+                                 tensors["labels"].to(md.x.device), lr, cfg.epochs, cfg.models,
+                                 cfg, params.augment, md.x_test, md.y_test, cfg.seed, callback)
+    callback({"event": "set", "name": "random real", "models": cfg.models})
+    idx = evaluate.random_subset(md.y, ipc, len(md.classes), cfg.seed + ipc)
+    rand = evaluate.evaluate_set(spec, md.x[idx], md.y[idx], cfg.random_lr, cfg.epochs,
+                                 cfg.models, cfg, params.augment, md.x_test, md.y_test,
+                                 cfg.seed + 1, callback)
+    full = json.loads(paths.fullset.read_text()) if paths.fullset.is_file() else {}
+    # One row per IPC in `dvc metrics show`: the accuracies as scalars, details in "runs".
+    summary = {"ipc": ipc, "distilled": dist["mean"], "distilled_std": dist["std"],
+               "random_real": rand["mean"], "random_real_std": rand["std"],
+               "full_dataset": full.get("full_dataset"),
+               "matching_loss": meta["summary"]["final_loss"],
+               "runs": runs("distilled", dist, lr, cfg.epochs, cfg)
+               + runs("random real", rand, cfg.random_lr, cfg.epochs, cfg)}
+    write_json(paths.evaluation(ipc), summary)
+    return {**summary, "seconds": sum(dist["seconds"]) + sum(rand["seconds"])}

@@ -25,17 +25,21 @@ from .augment import AugConfig, augment
 from .config import ExpertConfig
 from .events import Callback
 from .networks import FlatModel, NetSpec
+from .provenance import code_digest
 
 KIND = "expert"
+# Modules whose code decides an expert's trajectory (the model-space data: data, zca).
+EXPERT_CODE = ("datm.experts", "datm.flat_minimum", "datm.networks", "datm.augment", "datm.data",
+               "datm.zca")
 
 
 def config_hash(spec: NetSpec, cfg: ExpertConfig, aug: AugConfig, data_id: str) -> str:
     """Identity of what an expert file contains; `num_experts` and `group` do not change it."""
     recipe = {k: v for k, v in asdict(cfg).items() if k not in ("num_experts", "group")}
-    # The parameter count stands for the architecture's code: a layer change (e.g. the 28 px
-    # first-conv padding) keeps the spec but makes old trajectories the wrong length.
-    arch = {**spec.to_dict(), "num_params": FlatModel(spec).num_params}
-    payload = json.dumps([arch, recipe, asdict(aug), data_id], sort_keys=True)
+    # The code that computes a trajectory from model-space data: a fix there (or a layer change
+    # such as the 28 px first-conv padding) must retrain experts the `persist` output keeps.
+    code = code_digest(*EXPERT_CODE)
+    payload = json.dumps([spec.to_dict(), recipe, asdict(aug), data_id, code], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -331,3 +331,45 @@ def test_a_damaged_export_names_the_file(tmp_path, fmt, damage, fragment):
     damage(out)
     with pytest.raises(ExportError, match=fragment):
         read(out)
+
+
+# --- code identity: persisted experts and checkpoints follow the code that made them ------------
+
+def test_source_digest_ignores_comments_docstrings_and_layout():
+    from datm.provenance import source_digest
+
+    base = source_digest('def f(x):\n    """Doc."""\n    return x + 1\n')
+    assert source_digest("def f(x):  # why\n\n    return (x +\n            1)\n") == base
+    assert source_digest('def f(x):\n    """Doc."""\n    return x + 2\n') != base
+
+
+def test_experts_made_by_other_code_are_retrained(tmp_path, monkeypatch):
+    from datm import provenance
+
+    paths = Paths(tmp_path)
+    write_splits(paths)
+    params = Params.from_dict(tiny_raw())
+    pipeline.fit_zca(params, paths)
+    pipeline.buffers(params, paths)
+    real = provenance._module_digest
+    monkeypatch.setattr(provenance, "_module_digest",
+                        lambda name: "changed" if name == "datm.flat_minimum" else real(name))
+    events: list[dict] = []
+    pipeline.buffers(params, paths, events.append)
+    assert [e["index"] for e in events if e["event"] == "expert"] == [0, 1]
+
+
+def test_a_checkpoint_made_by_other_code_is_not_resumed(tmp_path, monkeypatch):
+    from datm import provenance
+
+    paths = Paths(tmp_path)
+    write_splits(paths)
+    params = Params.from_dict(tiny_raw())
+    pipeline.fit_zca(params, paths)
+    pipeline.buffers(params, paths)
+    pipeline.distill(params, paths, 1)
+    assert pipeline.distill(params, paths, 1)["resumed_at"] == 3
+    real = provenance._module_digest
+    monkeypatch.setattr(provenance, "_module_digest",
+                        lambda name: "changed" if name == "datm.matching" else real(name))
+    assert pipeline.distill(params, paths, 1)["resumed_at"] == 0

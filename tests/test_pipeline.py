@@ -259,9 +259,12 @@ def test_dvc_status_sees_exactly_the_changed_stage(e2e):
                               (("distill", "ipc", 1, "syn_steps"), "distill@1"),
                               (("buffers", "lr"), "buffers"),
                               (("zca", "eps"), "zca"),
-                              (("evaluate", "epochs"), {"evaluate@1", "evaluate@2"}),
-                              # the small sets' batch: not the full-set run's
-                              (("evaluate", "batch"), {"evaluate@1", "evaluate@2"}),
+                              # summary's report states the evaluation epochs
+                              (("evaluate", "epochs"), {"evaluate@1", "evaluate@2", "summary"}),
+                              # the small sets' batch: not the full-set run's (distill@N: the
+                              # recipe of its optional validation selection)
+                              (("evaluate", "batch"), {"distill@1", "distill@2", "evaluate@1",
+                                                       "evaluate@2"}),
                               # evaluate@N reads the `evaluate` section (and fullset.json)
                               (("evaluate", "fullset_batch"),
                                {"fullset", "evaluate@1", "evaluate@2"})):

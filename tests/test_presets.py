@@ -89,7 +89,13 @@ def _shrunk(raw: dict, standin: Path) -> dict:
     raw["device"] = "cpu"
     raw["data"]["root"] = str(standin)
     raw["net"]["width"] = 4
-    raw["buffers"].update(num_experts=1, group=1, batch=4096)
+    # Epochs the windows read (the published count is pinned in test_presets_match_the_reference)
+    last = max(Params.from_dict(raw).distill(i).last_epoch_needed for i in raw["distill"]["ipcs"])
+    raw["buffers"].update(num_experts=1, group=1, batch=4096, epochs=last)
+    if raw["data"]["name"] == "tiny_imagenet":
+        # its 12288-dim ZCA is a ~20 min eigendecomposition on this CPU (seconds on a GPU);
+        # tests/test_zca.py checks that the dimension is accepted
+        raw["zca"]["enabled"] = False
     raw["distill"]["defaults"].update(iterations=2, checkpoint_every=1)
     for table in raw["distill"]["ipc"].values():
         table["syn_steps"] = 2
@@ -117,7 +123,7 @@ def test_preset_runs_on_standin_data(preset: Path, tmp_path: Path) -> None:
     assert str(standin) in summary["source"]
     pipeline.fit_zca(params, paths)
     buffers = pipeline.buffers(params, paths)
-    assert {r["epochs"] for r in buffers["runs"]} == {published.buffers.epochs}
+    assert {r["epochs"] for r in buffers["runs"]} == {params.buffers.epochs}
     full = pipeline.fullset(params, paths)
     assert {r["batch"] for r in full["runs"]} == {published.evaluate.fullset_batch}
 
@@ -140,7 +146,7 @@ def test_preset_runs_on_standin_data(preset: Path, tmp_path: Path) -> None:
         for key in ("expert_epochs", "min_start_epoch", "sg_start", "max_start_epoch",
                     "batch_syn", "lr_img", "lr_y", "lr_lr", "threshold"):
             assert meta["settings"][key] == getattr(want, key), key
-        assert meta["zca"] == published.zca.enabled
+        assert meta["zca"] == params.zca.enabled
         assert meta["spec"]["depth"] == published.net.depth
 
     for ipc in (min(runnable), max(runnable)):

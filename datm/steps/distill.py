@@ -10,7 +10,14 @@ from .. import evaluate, experts
 from ..config import Params, Paths
 from ..distill import Distiller, DistillError, Selection
 from ..events import Callback
+from ..provenance import code_digest
 from .project import model_data, quiet, settled
+
+# Modules whose code decides a distillation's result: a checkpoint made by other code is not
+# resumed (it would finish as a mix of two algorithms).
+DISTILL_CODE = ("datm.distill", "datm.matching", "datm.networks", "datm.augment",
+                "datm.precision", "datm.evaluate", "datm.experts", "datm.data", "datm.zca",
+                "datm.steps.distill")
 
 
 def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
@@ -21,7 +28,8 @@ def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
     md = model_data(paths, device)
     if buffer.spec.num_classes != len(md.classes):
         raise DistillError("experts and dataset disagree on the number of classes: rerun buffers")
-    inputs = [md.identity, buffer.metas[0]["hash"], len(buffer), asdict(params.augment)]
+    inputs = [md.identity, buffer.metas[0]["hash"], len(buffer), asdict(params.augment),
+              code_digest(*DISTILL_CODE)]
     selection = None
     if cfg.select_every:
         # Validation images from the TRAINING split; the test split is never handed over.

@@ -11,8 +11,11 @@ from stages import common
 from stages.evaluate import progress_events
 
 
-def export(ipc: int, fmt: str, out: str | Path, force: bool = False, root: str = ".") -> Path:
-    path = export_ipc(common.paths(root), ipc, fmt, Path(out), force, git_commit(root))
+def export(ipc: int, fmt: str, out: str | Path, force: bool = False, root: str = ".",
+           params: str = "params.yaml") -> Path:
+    """`datm export`: the card's recipe is the evaluation that `params` sets."""
+    path = export_ipc(common.load(params), common.paths(root), ipc, fmt, Path(out), force,
+                      git_commit(root))
     common.console.print(f"[green]exported[/] IPC {ipc} as {fmt} -> {path}")
     return path
 

@@ -146,7 +146,7 @@ def test_distill_evaluate_export_in_process(project, tmp_path):
     assert json.loads(project.evaluation(2).read_text()) == pipeline.settled(ev)
     assert 0 <= ev["distilled"] <= 1 and 0 <= ev["random_real"] <= 1
 
-    out = pipeline.export_ipc(project, 2, "safetensors", tmp_path / "export")
+    out = pipeline.export_ipc(params, project, 2, "safetensors", tmp_path / "export")
     card = json.loads((out / "dataset_card.json").read_text())
     assert card["ipc"] == 2 and card["accuracy"]  # the evaluation is on the card
     result = pipeline.evaluate_export(params, project, out)
@@ -167,13 +167,14 @@ def test_distill_refuses_experts_of_another_dataset(project):
 
 
 def test_export_of_a_missing_ipc_lists_the_distilled_ones(project, tmp_path):
+    params = Params.from_dict(tiny_raw())
     with pytest.raises(ExportError, match="none yet"):
-        pipeline.export_ipc(project, 5, "png", tmp_path / "x")
+        pipeline.export_ipc(params, project, 5, "png", tmp_path / "x")
     project.distilled(3).parent.mkdir(parents=True)
     for ipc in (10, 3):
         project.distilled(ipc).write_bytes(b"")
     with pytest.raises(ExportError, match=r"distilled IPCs: 3, 10\)"):
-        pipeline.export_ipc(project, 5, "png", tmp_path / "x")
+        pipeline.export_ipc(params, project, 5, "png", tmp_path / "x")
 
 
 def test_params_errors_name_the_key():

@@ -233,3 +233,65 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 def describe(result: subprocess.CompletedProcess) -> str:
     return (f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n"
             f"--- stderr ---\n{result.stderr[-4000:]}")
+
+
+# --- a tiny project in-process (splits, ZCA and experts by the pipeline's own steps) ---------
+
+def write_learnable_splits(paths, n_train: int = 60, n_test: int = 60, lo: int = 0,
+                           hi: int = 255, seed: int = 0, classes: tuple[str, ...] = ("a", "b", "c"),
+                           channels: int = 1, size: int = 8) -> None:
+    """uint8 train and test splits saved the way the download stage saves them.
+
+    Both splits come from ONE draw of `learnable_uint8` (the same class patterns), so that a
+    network trained on the train split scores above chance on the test split; the pixels are
+    rescaled into [lo, hi] (a margin from 0 and 255 keeps slightly moved images unclipped).
+    """
+    from datm import data
+
+    images, labels = learnable_uint8(n_train + n_test, len(classes), channels, size, seed)
+    images = (lo + images.astype(np.float64) * (hi - lo) / 255).round().astype(np.uint8)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+    mean, std = data.channel_stats(x[:n_train])
+    for path, part, name in ((paths.train, slice(0, n_train), "train"),
+                             (paths.test, slice(n_train, None), "test")):
+        split = data.Split(x[part].clone(), y[part].clone(), list(classes), "tiny-standin",
+                           mean, std)
+        split.save(path, name)
+
+
+def tiny_project(root: Path, params: dict, experts: bool = True, **splits):
+    """params.yaml, data/, the ZCA and (if `experts`) the expert buffer of a tiny project,
+    made in-process by the pipeline's steps; returns its `Paths`."""
+    from datm import pipeline
+    from datm.config import Params, Paths
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_params(root, params)
+    paths = Paths(root)
+    write_learnable_splits(paths, **splits)
+    parsed = Params.from_dict(yaml.safe_load(yaml.safe_dump(params)))
+    pipeline.fit_zca(parsed, paths)
+    if experts:
+        pipeline.buffers(parsed, paths)
+    return paths
+
+
+def stage_env(**extra: str) -> dict:
+    """`base_env` for `python -m stages.<name>` run from a project folder outside the repo."""
+    return base_env(PYTHONPATH=str(REPO), **extra)
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None,
+             every: float = 0.02) -> bool:
+    """Poll `predicate` until it holds (True), `timeout` passes or `proc` ends (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return bool(predicate())
+        time.sleep(every)
+    return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import torch
 import yaml
 from helpers import DVC, REPO, datm, describe, ran_stages
 
-ALL_STAGES = {"download", "zca", "buffers", "fullset", "distill@1", "distill@2", "evaluate@1",
-              "evaluate@2", "summary"}
+ALL_STAGES = {"download", "zca", "buffers", "fullset", "baseline@1", "baseline@2", "distill@1",
+              "distill@2", "evaluate@1", "evaluate@2", "summary"}
 
 
 # --- static checks (fast) ------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def test_dvc_accepts_the_pipeline(tmp_path):
     listed = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
     shipped = helpers.shipped_params()["distill"]["ipcs"]
     expected = {"download", "zca", "buffers", "fullset", "summary"}
-    expected |= {f"{s}@{ipc}" for s in ("distill", "evaluate") for ipc in shipped}
+    expected |= {f"{s}@{ipc}" for s in ("baseline", "distill", "evaluate") for ipc in shipped}
     assert listed == expected
 
 
@@ -179,7 +180,8 @@ def test_repro_builds_every_artifact(e2e):
                                        "distilled")
         assert tensors["images"].shape == (10 * ipc, *e2e.shape)
         assert tensors["labels"].shape == (10 * ipc, 10)
-        assert meta["iteration"] == 3 and tensors["history"].shape[0] == 3
+        iterations = _iterations(e2e.params(), ipc)  # test_changing_one_ipc... raises ipc 2's
+        assert meta["iteration"] == iterations and tensors["history"].shape[0] == iterations
         ev = json.loads((root / f"metrics/evaluate/ipc_{ipc}.json").read_text())
         assert ev["ipc"] == ipc and 0 <= ev["distilled"] <= 1 and 0 <= ev["random_real"] <= 1
         assert ev["full_dataset"] is not None
@@ -259,12 +261,14 @@ def test_dvc_status_sees_exactly_the_changed_stage(e2e):
                               (("distill", "ipc", 1, "syn_steps"), "distill@1"),
                               (("buffers", "lr"), "buffers"),
                               (("zca", "eps"), "zca"),
-                              # summary's report states the evaluation epochs
-                              (("evaluate", "epochs"), {"evaluate@1", "evaluate@2", "summary"}),
+                              # summary's report states the evaluation epochs; the random real
+                              # baselines train by the same recipe
+                              (("evaluate", "epochs"), {"baseline@1", "baseline@2", "evaluate@1",
+                                                        "evaluate@2", "summary"}),
                               # the small sets' batch: not the full-set run's (distill@N: the
                               # recipe of its optional validation selection)
-                              (("evaluate", "batch"), {"distill@1", "distill@2", "evaluate@1",
-                                                       "evaluate@2"}),
+                              (("evaluate", "batch"), {"baseline@1", "baseline@2", "distill@1",
+                                                       "distill@2", "evaluate@1", "evaluate@2"}),
                               # evaluate@N reads the `evaluate` section (and fullset.json)
                               (("evaluate", "fullset_batch"),
                                {"fullset", "evaluate@1", "evaluate@2"})):
@@ -280,6 +284,12 @@ def test_dvc_status_sees_exactly_the_changed_stage(e2e):
     finally:
         e2e.set_params(original)
     assert _status(e2e) == {}
+
+
+def _iterations(params: dict, ipc: int) -> int:
+    """The iterations params.yaml asks of `ipc` (its own table first, then the defaults)."""
+    return params["distill"]["ipc"][ipc].get("iterations",
+                                             params["distill"]["defaults"]["iterations"])
 
 
 # Checks whose outcome does not depend on the dataset (DVC's re-run logic, CLI refusals) run on
@@ -353,16 +363,22 @@ def exports(e2e) -> dict[str, Path]:
                       cwd=e2e.root, env=e2e.env)
         assert result.returncode == 0, describe(result)
         out[fmt] = folder
+    # What they were made from, for test_export_every_format: later tests re-distill ipc 2.
+    source = e2e.root / "exports" / "source"
+    source.mkdir()
+    for rel in ("artifacts/distilled/ipc_2.safetensors", "artifacts/zca.safetensors"):
+        shutil.copy2(e2e.root / rel, source)
     return out
 
 
 def _expected_pixels(root: Path) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The distilled set de-whitened and de-normalized, computed here from the artifacts."""
+    """The distilled set de-whitened and de-normalized, computed here from the artifacts the
+    exports were made from."""
     from datm import artifacts, data
     from datm.zca import ZCA
 
-    tensors, meta = artifacts.load(root / "artifacts/distilled/ipc_2.safetensors", "distilled")
-    zca = ZCA.load(root / "artifacts/zca.safetensors")
+    tensors, meta = artifacts.load(root / "exports/source/ipc_2.safetensors", "distilled")
+    zca = ZCA.load(root / "exports/source/zca.safetensors")
     pixels = data.to_pixels(tensors["images"], meta["mean"], meta["std"], zca)
     return pixels, tensors["labels"], float(tensors["lr"][0])
 
@@ -420,7 +436,8 @@ def test_png_export_is_an_image_folder(e2e, exports):
 @pytest.mark.slow
 def test_export_refuses_to_overwrite_without_force(e2e, exports):
     once(e2e)
-    folder = exports["npz"]
+    folder = e2e.root / "exports" / "npz_force"  # a copy: the shared one stays an ipc 2 export
+    shutil.copytree(exports["npz"], folder)
     before = sorted(p.name for p in folder.iterdir())
     result = datm("export", "--ipc", "2", "--format", "npz", "--out", str(folder),
                   cwd=e2e.root, env=e2e.env)
@@ -463,3 +480,15 @@ def test_status_of_a_finished_project(e2e):
     text = result.stdout + result.stderr
     assert "2/2" in text
     assert text.count("done") == 2 and "missing" not in text
+
+
+@pytest.mark.slow
+def test_forced_rerun_of_unchanged_stages_leaves_everything_downstream_fresh(e2e):
+    """Artifacts are deterministic: re-running download and zca by force on the same data writes
+    the same bytes, so DVC sees nothing downstream as changed (it once marked 2 of 3 tries)."""
+    once(e2e)
+    assert _status(e2e) == {}
+    for stage in ("download", "zca", "buffers"):
+        result = e2e.repro("-f", "-s", stage)
+        assert result.returncode == 0, describe(result)
+        assert _status(e2e) == {}, f"forced {stage} made downstream stages stale"

@@ -101,11 +101,15 @@ def evaluate_set(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: floa
 
 
 def random_subset(y: torch.Tensor, ipc: int, num_classes: int, seed: int) -> torch.Tensor:
-    """Indices of `ipc` random real images per class."""
+    """Indices of `ipc` random real images per class (a class with fewer is an error: the
+    baseline must be as large as the set it is compared with)."""
     gen = torch.Generator().manual_seed(seed)
     chosen = []
     for c in range(num_classes):
         idx = torch.nonzero(y == c).flatten()
+        if len(idx) < ipc:
+            raise UserError(f"a random real subset of {ipc} images per class needs {ipc} images "
+                            f"of class {c}, which has {len(idx)}")
         chosen.append(idx[torch.randperm(len(idx), generator=gen)[:ipc].to(idx.device)])
     return torch.cat(chosen)
 

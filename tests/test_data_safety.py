@@ -373,3 +373,12 @@ def test_a_checkpoint_made_by_other_code_is_not_resumed(tmp_path, monkeypatch):
     monkeypatch.setattr(provenance, "_module_digest",
                         lambda name: "changed" if name == "datm.matching" else real(name))
     assert pipeline.distill(params, paths, 1)["resumed_at"] == 0
+
+
+def test_a_random_real_baseline_never_comes_out_smaller_than_asked():
+    from datm.evaluate import random_subset
+
+    y = torch.tensor([0, 0, 0, 1, 1])
+    assert random_subset(y, 2, 2, seed=0).numel() == 4
+    with pytest.raises(UserError, match="class 1, which has 2"):
+        random_subset(y, 3, 2, seed=0)

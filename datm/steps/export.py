@@ -10,13 +10,20 @@ from pathlib import Path
 import torch
 
 from .. import artifacts, data, evaluate
-from ..config import ConfigError, Params, Paths
+from ..config import Params, Paths
 from ..events import Callback
 from ..export import ZCA_FILE, ExportError, export, read
-from ..networks import NetSpec, first_conv_padding
+from ..networks import first_conv_padding
 from ..zca import ZCA
 from .evaluate import check_finite
-from .project import distilled_ipcs, distilled_pixels, load_distilled, model_data, quiet
+from .project import (
+    distilled_ipcs,
+    distilled_pixels,
+    load_distilled,
+    model_data,
+    net_spec,
+    quiet,
+)
 
 
 def export_ipc(params: Params, paths: Paths, ipc: int, fmt: str, out: Path, force: bool = False,
@@ -53,13 +60,7 @@ def _preprocessing(paths: Paths, meta: dict) -> dict:
 def _recipe(params: Params, shape: torch.Size, num_classes: int, learned: float) -> dict:
     """The evaluation protocol of evaluate@IPC (datm/evaluate.py's train_and_test) as data."""
     cfg, aug = params.evaluate, params.augment
-    c, h, _ = shape
-    try:
-        spec = NetSpec(c, num_classes, h, width=params.net.width, depth=params.net.depth,
-                       norm=params.net.norm)
-    except ValueError as exc:
-        raise ConfigError(f"net: {exc}") from None
-    spec = evaluate.arch_spec(spec, cfg.arch)
+    spec = evaluate.arch_spec(net_spec(params, tuple(shape), num_classes), cfg.arch)
     net = {**spec.to_dict(), "first_conv_padding": first_conv_padding(spec)}
     if spec.model == "convnet":
         norm = {"instance": "instance norm (GroupNorm with one group per channel, affine)",

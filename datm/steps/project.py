@@ -55,16 +55,21 @@ class ModelData:
     identity: str  # content hash of the train split and the ZCA: what experts were made from
 
     def spec(self, params: Params) -> NetSpec:
-        c, h, _ = self.x.shape[1:]
-        try:
-            return NetSpec(c, len(self.classes), h, width=params.net.width,
-                           depth=params.net.depth, norm=params.net.norm)
-        except ValueError as exc:  # e.g. a depth that pools these images to nothing
-            raise ConfigError(f"net: {exc}") from None
+        return net_spec(params, self.x.shape[1:], len(self.classes))
 
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Model space -> pixels in [0, 1], the inverse of how `x` was made."""
         return data.to_pixels(x, self.mean, self.std, self.zca)
+
+
+def net_spec(params: Params, shape: tuple[int, ...], num_classes: int) -> NetSpec:
+    """The profile's ConvNet for images of `shape` (C, H, W)."""
+    c, h, _ = shape
+    try:
+        return NetSpec(c, num_classes, h, width=params.net.width, depth=params.net.depth,
+                       norm=params.net.norm)
+    except ValueError as exc:  # e.g. a depth that pools these images to nothing
+        raise ConfigError(f"net: {exc}") from None
 
 
 def data_identity(paths: Paths) -> str:

@@ -45,6 +45,15 @@ def test_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     return correct / x.shape[0]
 
 
+def stream_seeds(seed: int) -> tuple[int, int]:
+    """(initial weights, batch order and augmentation) seeds of the network seeded `seed`.
+
+    Even and odd: networks seeded seed, seed + 1, ... (a set's K models) never share a stream,
+    which `seed` and `seed + 1` did when model k's batch order was model k + 1's init.
+    """
+    return 2 * seed, 2 * seed + 1
+
+
 def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: float,
                    epochs: int, cfg: EvalConfig, aug: AugConfig, x_test: torch.Tensor,
                    y_test: torch.Tensor, seed: int, callback: Callback | None = None) -> float:
@@ -55,10 +64,11 @@ def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: fl
     if not math.isfinite(lr) or lr <= 0:
         raise UserError(f"evaluation lr must be a positive number, got {lr} (a diverged "
                         "distillation, or evaluate.lr / lr_scale)")
+    init_seed, order_seed = stream_seeds(seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(init_seed)
         model = build(spec).to(x.device)
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(order_seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2], 0.1)

@@ -157,9 +157,9 @@ def train_and_test(card: dict, x: torch.Tensor, logits: torch.Tensor, x_test: to
     """One fresh network: SGD with momentum and weight decay, lr x0.1 after half the epochs,
     DSA on every batch, soft cross-entropy against softmax(logits); then test accuracy."""
     recipe = card["recipe"]
-    torch.manual_seed(seed)  # the network's initial weights
+    torch.manual_seed(2 * seed)  # the network's initial weights
     model = build(recipe["network"]).to(x.device)
-    gen = torch.Generator().manual_seed(seed + 1)  # batch order and augmentation
+    gen = torch.Generator().manual_seed(2 * seed + 1)  # batch order and augmentation
     opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
                           weight_decay=recipe["weight_decay"])
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2], 0.1)

@@ -228,9 +228,6 @@ class RngSpy:
         return getattr(torch, name)
 
 
-@pytest.mark.xfail(strict=True, reason="model k's data-order/DSA generator is seeded with "
-                   "seed*1009+k+1, which is model k+1's init seed: the K models' random streams "
-                   "overlap (DESIGN-NOTES: derive every seed in one helper)")
 def test_every_random_stream_of_evaluate_set_has_its_own_seed(blobs, monkeypatch):
     x, y, xt, yt = blobs
     spy = RngSpy()

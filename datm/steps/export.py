@@ -86,8 +86,9 @@ def _recipe(params: Params, shape: torch.Size, num_classes: int, learned: float)
                          "parameters": list(parameters),
                          **{k: v for k, v in asdict(aug).items() if k in parameters}},
         "loss": "soft cross-entropy against softmax(label_logits)",
-        # evaluate.evaluate_set: network k is seeded seed * 1009 + k (its init); its batch order
-        # and augmentation come from a generator seeded one higher.
+        # evaluate.evaluate_set: network k is seeded s = seed * 1009 + k; its initial weights
+        # come from torch.manual_seed(2 s), its batch order and augmentation from a generator
+        # seeded 2 s + 1 (evaluate.stream_seeds).
         "models": cfg.models, "seed": cfg.seed,
         "model_seeds": [cfg.seed * 1009 + k for k in range(cfg.models)],
     }

@@ -82,7 +82,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """One IPC's settings; names follow ALGORITHM.md section 4 (N, M, T-, T, T+, ...)."""
+    """One IPC's settings; names: docs/METHOD.md, "Settings and the paper's symbols"."""
 
     ipc: int
     syn_steps: int = 20               # N
@@ -303,8 +303,6 @@ def _typed(value: Any, kind: Any, key: str) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
-        if typing.get_origin(option) is list and isinstance(value, list):
-            return value
     names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o))
                         for o in options)
     if isinstance(value, str) and float in options:
@@ -344,6 +342,7 @@ class Params:
     buffers: ExpertConfig
     evaluate: EvalConfig
     distills: dict[int, DistillConfig]
+    evaluations: dict[int, EvalConfig]
     device: str = "auto"
 
     @classmethod
@@ -366,8 +365,10 @@ class Params:
             net=_build(NetConfig, raw["net"], "net"),
             augment=_build(AugConfig, raw["augment"], "augment"),
             buffers=_build(ExpertConfig, {"seed": seed, **(raw["buffers"] or {})}, "buffers"),
-            evaluate=_build(EvalConfig, {"seed": seed, **(raw["evaluate"] or {})}, "evaluate"),
+            evaluate=_build(EvalConfig, {"seed": seed, **_without_table(raw["evaluate"])},
+                            "evaluate"),
             distills=_distills(raw["distill"], seed),
+            evaluations=_evaluations(raw["evaluate"], raw["distill"], seed),
             device=device,
         )
 
@@ -375,6 +376,12 @@ class Params:
     def ipcs(self) -> list[int]:
         """`distill.ipcs`: the IPCs the pipeline distills (one distill@<ipc> stage each)."""
         return sorted(self.distills)
+
+    def evaluation(self, ipc: int) -> EvalConfig:
+        """The evaluation recipe of one IPC's sets (distilled and random real): `evaluate`
+        overlaid with `evaluate.ipc.<ipc>`, e.g. fewer epochs for a large set on a CPU."""
+        self.distill(ipc)  # a clear error for an IPC that is not configured
+        return self.evaluations[ipc]
 
     def distill(self, ipc: int) -> DistillConfig:
         """The settings of one IPC: distill.defaults overlaid with distill.ipc.<ipc>."""
@@ -397,12 +404,49 @@ class Params:
         return device
 
 
-def _distills(section: Any, seed: int) -> dict[int, DistillConfig]:
-    """Every listed IPC's DistillConfig: distill.defaults overlaid with distill.ipc.<ipc>.
+def _ipc_table(section: dict, where: str) -> dict[int, dict]:
+    """A per-IPC table (`distill.ipc`, `evaluate.ipc`): integer or digit-string keys.
 
-    Table keys may be integers or digit strings: `dvc exp run -S distill.ipc.10.lr_img=50`
-    works on either, and a string key added by an override must not be silently ignored.
+    `dvc exp run -S distill.ipc.10.lr_img=50` works on string keys, and a string key added by
+    an override must never be silently ignored.
     """
+    table: dict[int, dict] = {}
+    for key, own in (section.get("ipc") or {}).items():
+        if not str(key).isdigit():
+            raise ConfigError(f"{where}.{key}: keys of {where} are IPCs (integers)")
+        if int(key) in table:
+            raise ConfigError(f"{where} lists IPC {key} twice (as {key!r} and {int(key)})")
+        if own is not None and not isinstance(own, dict):
+            raise ConfigError(f"{where}.{key} must be a mapping of settings")
+        if own and "ipc" in own:
+            raise ConfigError(f"{where}.{key}.ipc: the IPC is the table's key, drop this key")
+        table[int(key)] = own or {}
+    return table
+
+
+def _without_table(section: Any) -> dict:
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError("evaluate must be a mapping of settings")
+    return {k: v for k, v in (section or {}).items() if k != "ipc"}
+
+
+def _evaluations(section: Any, distill: Any, seed: int) -> dict[int, EvalConfig]:
+    """Every listed IPC's evaluation recipe: `evaluate` overlaid with `evaluate.ipc.<ipc>`."""
+    base = {"seed": seed, **_without_table(section)}
+    table = _ipc_table(section or {}, "evaluate.ipc")
+    ipcs = (distill or {}).get("ipcs") or [] if isinstance(distill, dict) else []
+    unknown = sorted(set(table) - set(ipcs))
+    if unknown:
+        raise ConfigError(f"evaluate.ipc.{unknown[0]}: IPC {unknown[0]} is not in distill.ipcs")
+    fullset = sorted(k for own in table.values() for k in own if k.startswith("fullset_"))
+    if fullset:
+        raise ConfigError(f"evaluate.ipc: {fullset[0]} is the full-set run's, not an IPC's")
+    return {ipc: _build(EvalConfig, {**base, **table.get(ipc, {})}, f"evaluate.ipc.{ipc}")
+            for ipc in ipcs}
+
+
+def _distills(section: Any, seed: int) -> dict[int, DistillConfig]:
+    """Every listed IPC's DistillConfig: distill.defaults overlaid with distill.ipc.<ipc>."""
     if not isinstance(section, dict):
         raise ConfigError("distill must be a mapping with ipcs, defaults and ipc")
     unknown = sorted(set(section) - {"ipcs", "defaults", "ipc"})
@@ -412,17 +456,7 @@ def _distills(section: Any, seed: int) -> dict[int, DistillConfig]:
     if not isinstance(listed, list) or not all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in listed):
         raise ConfigError("distill.ipcs must be a list of positive integers, e.g. [1, 10, 50]")
-    table: dict[int, Any] = {}
-    for key, own in (section.get("ipc") or {}).items():
-        if not str(key).isdigit():
-            raise ConfigError(f"distill.ipc.{key}: keys of distill.ipc are IPCs (integers)")
-        if int(key) in table:
-            raise ConfigError(f"distill.ipc lists IPC {key} twice (as {key!r} and {int(key)})")
-        if own is not None and not isinstance(own, dict):
-            raise ConfigError(f"distill.ipc.{key} must be a mapping of settings")
-        if own and "ipc" in own:
-            raise ConfigError(f"distill.ipc.{key}.ipc: the IPC is the table's key, drop this key")
-        table[int(key)] = own or {}
+    table = _ipc_table(section, "distill.ipc")
     defaults = section.get("defaults") or {}
     return {ipc: _build(DistillConfig, {"seed": seed, **defaults, **table.get(ipc, {}), "ipc": ipc},
                         f"distill.ipc.{ipc}")

@@ -4,7 +4,11 @@ A `Distiller` owns the whole state of a run (synthetic images, soft labels, lear
 three optimizers' momenta, the RNG, the iteration and the history), can save it to a checkpoint
 and continue from one, so an interrupted run ends bit-identical to an uninterrupted one on CPU.
 With `select_every` on, it also keeps the best set so far on a validation split of the training
-images (ALGORITHM.md section 3: never the test split), and that selection is part of the state.
+images (never the test split; docs/METHOD.md, "Selection on a validation split"), kept as state.
+
+On W processes (a `Group`, datm/distributed.py) every rank holds the whole state and draws the
+same random plan; each computes its part of every mini-batch and the gradients are summed
+(datm/matching.py), so all ranks make the same update. Only the main rank writes checkpoints.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from . import artifacts, evaluate
 from .augment import AugConfig
 from .config import DistillConfig
+from .distributed import SINGLE, Group
 from .errors import UserError
 from .events import Callback
 from .experts import ExpertBuffer
@@ -118,26 +123,37 @@ class Distiller:
     selection: Selection | None = None                # inputs, not state: given at create/resume
     best: _Best | None = None                         # the best set on the validation split so far
     selections: list[list[float]] = field(default_factory=list)  # [iteration, val accuracy]
+    group: Group = SINGLE   # the processes computing this run together (not state)
 
     def __post_init__(self) -> None:
         self.fm = FlatModel(self.buffer.spec, self.images.device).train(True)
         if self.cfg.select_every and self.selection is None:
             raise DistillError(f"distill ipc {self.cfg.ipc}: select_every needs a validation "
                                "split (a Selection); set select_every: 0 to keep the final set")
+        if self.group.distributed and self.cfg.mode != "recompute":
+            raise DistillError(f"distill ipc {self.cfg.ipc}: mode {self.cfg.mode} runs in one "
+                               f"process, not {self.group.world}: use mode recompute")
+        if self.group.distributed and self.buffer.spec.norm == "batch":
+            raise DistillError(f"distill ipc {self.cfg.ipc}: batch norm couples a mini-batch, "
+                               f"which {self.group.world} processes split: use one process")
 
     # --- construction ---------------------------------------------------------------------
 
     @classmethod
     def create(cls, cfg: DistillConfig, buffer: ExpertBuffer, x_real: torch.Tensor,
-               y_real: torch.Tensor, aug: AugConfig, selection: Selection | None = None) -> Distiller:
-        """Fresh state: initial images and labels from real data and the experts."""
+               y_real: torch.Tensor, aug: AugConfig, selection: Selection | None = None,
+               group: Group = SINGLE) -> Distiller:
+        """Fresh state: initial images and labels from real data and the experts.
+
+        Every rank of `group` computes the same state: the RNG is seeded by cfg.seed alone.
+        """
         check_buffer(cfg, buffer)
         generator = torch.Generator().manual_seed(cfg.seed)
         images, labels, report = initialize(cfg, buffer, x_real, y_real, generator)
         lr = torch.tensor(cfg.lr_init or buffer.lr, device=x_real.device)
         momenta = _Momenta(torch.zeros_like(images), torch.zeros_like(labels), torch.zeros_like(lr))
         return cls(cfg, buffer, aug, images, labels, lr, generator, momenta,
-                   init_report=report, selection=selection)
+                   init_report=report, selection=selection, group=group)
 
     # --- one iteration --------------------------------------------------------------------
 
@@ -150,9 +166,11 @@ class Distiller:
         start, target = ends.to(self.images.device).unbind(0)
         plan = make_plan(self.images.shape[0], cfg.batch_syn or self.images.shape[0],
                          cfg.syn_steps, self.images.shape[-1], self.aug, gen)
+        # One process calls match as it always did; several pass their group.
+        split = {"group": self.group} if self.group.distributed else {}
         with numerics(cfg.precision, self.images.device):
             result = match(cfg.mode, self.fm, self.images, self.labels, self.lr, start, target,
-                           plan, self.aug, skip_above=cfg.threshold)
+                           plan, self.aug, skip_above=cfg.threshold, **split)
         finite = math.isfinite(result.loss)
         if not finite:
             self.nonfinite += 1
@@ -197,17 +215,29 @@ class Distiller:
         A run later given more iterations keeps its old end among the candidates.
         """
         cfg = self.cfg
+        # Ranks resumed from different checkpoints (e.g. machines without a shared disk) would
+        # mix two runs in every all-reduce: refuse before the first one.
+        if self.group.distributed:
+            self.group.check_same("the distillation state", self.fingerprint())
         while self.iteration < cfg.iterations:
             info = self.step()
             judged = bool(cfg.select_every) and (self.iteration % cfg.select_every == 0
                                                  or self.iteration == cfg.iterations)
             if judged:
                 info["val_acc"] = self.select()
-            if checkpoint and (judged or self.iteration % cfg.checkpoint_every == 0
-                               or self.iteration == cfg.iterations):
+            if checkpoint and self.group.is_main and (
+                    judged or self.iteration % cfg.checkpoint_every == 0
+                    or self.iteration == cfg.iterations):
                 self.save_checkpoint(checkpoint, identity)
             if callback:
                 callback(info)
+
+    def fingerprint(self) -> torch.Tensor:
+        """A few numbers that differ between two states: iteration, sums of the set, lr, RNG."""
+        rng = self.generator.get_state().double()
+        sums = [t.sum(dtype=torch.float64).cpu() for t in (self.images, self.labels, self.lr)]
+        return torch.stack([torch.tensor(float(self.iteration), dtype=torch.float64), *sums,
+                            (rng * torch.arange(1, len(rng) + 1)).sum()])
 
     # --- selection on the validation split ------------------------------------------------
 
@@ -227,7 +257,8 @@ class Distiller:
             acc = evaluate.evaluate_set(sel.spec, self.images.detach(), self.labels.detach(), lr,
                                         cfg.select_epochs, cfg.select_models, sel.eval_cfg,
                                         sel.aug, sel.x_val, sel.y_val,
-                                        sel.eval_cfg.seed + SELECT_SEED)["mean"]
+                                        sel.eval_cfg.seed + SELECT_SEED,
+                                        group=self.group)["mean"]
         self.selections.append([self.iteration, acc])
         if math.isfinite(acc) and (self.best is None or acc > self.best.val_acc):
             self.best = _Best(self.images.clone(), self.labels.clone(), self.lr.clone(),
@@ -262,7 +293,7 @@ class Distiller:
     @classmethod
     def resume(cls, path: str | Path, cfg: DistillConfig, buffer: ExpertBuffer, aug: AugConfig,
                identity: str = "", device: torch.device | str = "cpu",
-               selection: Selection | None = None) -> Distiller | None:
+               selection: Selection | None = None, group: Group = SINGLE) -> Distiller | None:
         """The state saved at `path`, or None if there is none for this exact run."""
         if not Path(path).exists():
             return None
@@ -288,7 +319,8 @@ class Distiller:
                    to(tensors["lr"].reshape(())), generator, momenta, meta["iteration"],
                    meta["skipped"], meta["nonfinite"], meta["nonfinite_run"],
                    tensors["history"].tolist(), init_report=meta.get("init", {}),
-                   selection=selection, best=best, selections=chosen.get("history", []))
+                   selection=selection, best=best, selections=chosen.get("history", []),
+                   group=group)
 
     def save_result(self, path: str | Path, meta: dict) -> Path:
         """The result: the final set, or with selection on the best one on the validation split.
@@ -316,7 +348,8 @@ def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: tor
                ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Initial images [C*ipc, ...] (class-major), label logits [C*ipc, C] and a report of how.
 
-    The experts judge and label at `label_epoch` (-1: their last epoch; ALGORITHM.md section 3).
+    The experts judge and label at `label_epoch` (-1: their last epoch; docs/METHOD.md,
+    "Initialization and soft labels").
     - real_correct: per class, scan its images in random order with one expert and keep the
       first ipc it classifies correctly; an expert that finds fewer in the whole class hands
       over to the next one (a seeded order, restarted for every class). Only when no expert

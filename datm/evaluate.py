@@ -1,4 +1,4 @@
-"""Evaluation protocol (ALGORITHM.md section 6): train fresh networks on a set, test on real data.
+"""Evaluation protocol (docs/METHOD.md, "How numbers are measured"): fresh networks, real test data.
 
 The same `train_and_test` serves the distilled set (soft labels, learned lr), the random real
 subset baseline (hard labels) and the full-dataset reference, so the three numbers are comparable.
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .augment import AugConfig, augment
 from .config import EvalConfig
+from .distributed import SINGLE, Group
 from .errors import UserError
 from .events import Callback
 from .networks import NetSpec, build, soft_cross_entropy
@@ -56,10 +57,13 @@ def stream_seeds(seed: int) -> tuple[int, int]:
 
 def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: float,
                    epochs: int, cfg: EvalConfig, aug: AugConfig, x_test: torch.Tensor,
-                   y_test: torch.Tensor, seed: int, callback: Callback | None = None) -> float:
+                   y_test: torch.Tensor, seed: int, callback: Callback | None = None,
+                   test_every: int = 0) -> float:
     """Train one fresh network; `targets` are label logits (soft CE) or class ids (hard CE).
 
     SGD with momentum and weight decay, lr x0.1 at half the epochs, DSA on each batch.
+    `test_every` > 0 also reports the test accuracy every that many epochs (a "test" event):
+    the accuracy curve that shows whether a run has converged.
     """
     if not math.isfinite(lr) or lr <= 0:
         raise UserError(f"evaluation lr must be a positive number, got {lr} (a diverged "
@@ -90,34 +94,45 @@ def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: fl
         sched.step()
         if callback:
             callback({"event": "epoch", "epoch": epoch + 1, "epochs": epochs})
+            if test_every and (epoch + 1) % test_every == 0 and epoch + 1 < epochs:
+                callback({"event": "test", "epoch": epoch + 1,
+                          "acc": test_accuracy(model, x_test, y_test)})
     return test_accuracy(model, x_test, y_test)
 
 
 def evaluate_set(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: float, epochs: int,
                  models: int, cfg: EvalConfig, aug: AugConfig, x_test: torch.Tensor,
-                 y_test: torch.Tensor, seed: int, callback: Callback | None = None) -> dict:
-    """Accuracy of `models` fresh networks on one set: {"mean", "std", "accs", "seconds"}."""
-    accs, seconds = [], []
-    for k in range(models):
+                 y_test: torch.Tensor, seed: int, callback: Callback | None = None,
+                 group: Group = SINGLE) -> dict:
+    """Accuracy of `models` fresh networks on one set: {"mean", "std", "accs", "seconds"}.
+
+    On several ranks model k trains on rank k % W with the seeds it has in one process, and
+    every rank returns all K results in model order (`seconds`: each model's own wall time).
+    """
+    mine_acc, mine_seconds = {}, {}
+    for k in group.shard(range(models)):
         tic = time.perf_counter()
-        accs.append(train_and_test(spec, x, targets, lr, epochs, cfg, aug, x_test, y_test,
-                                   seed * 1009 + k, callback))
-        seconds.append(time.perf_counter() - tic)
+        mine_acc[k] = train_and_test(spec, x, targets, lr, epochs, cfg, aug, x_test, y_test,
+                                     seed * 1009 + k, callback)
+        mine_seconds[k] = time.perf_counter() - tic
         if callback:
-            callback({"event": "model", "model": k + 1, "models": models, "acc": accs[-1]})
+            callback({"event": "model", "model": k + 1, "models": models, "acc": mine_acc[k]})
+    accs = group.gather_floats(mine_acc, models)
+    seconds = group.gather_floats(mine_seconds, models)
     t = torch.tensor(accs, dtype=torch.float64)
     std = float(t.std()) if len(accs) > 1 else 0.0
     return {"mean": float(t.mean()), "std": std, "accs": accs, "seconds": seconds}
 
 
-def random_subset(y: torch.Tensor, ipc: int, num_classes: int, seed: int) -> torch.Tensor:
-    """Indices of `ipc` random real images per class (a class with fewer is an error: the
-    baseline must be as large as the set it is compared with)."""
+def random_subset(y: torch.Tensor, ipc: int, num_classes: int, seed: int,
+                  all_of_smaller: bool = False) -> torch.Tensor:
+    """Indices of `ipc` random real images per class. A class with fewer is an error (a
+    baseline must be as large as the set it is compared with) unless `all_of_smaller`."""
     gen = torch.Generator().manual_seed(seed)
     chosen = []
     for c in range(num_classes):
         idx = torch.nonzero(y == c).flatten()
-        if len(idx) < ipc:
+        if len(idx) < ipc and not all_of_smaller:
             raise UserError(f"a random real subset of {ipc} images per class needs {ipc} images "
                             f"of class {c}, which has {len(idx)}")
         chosen.append(idx[torch.randperm(len(idx), generator=gen)[:ipc].to(idx.device)])
@@ -135,4 +150,4 @@ def validation_subset(y: torch.Tensor, per_class: int, num_classes: int,
     test split. They stay in the training data too (the experts saw them); the selection only
     needs them to be away from the test split.
     """
-    return random_subset(y, per_class, num_classes, seed + VALIDATION_SEED)
+    return random_subset(y, per_class, num_classes, seed + VALIDATION_SEED, all_of_smaller=True)

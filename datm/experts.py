@@ -6,6 +6,11 @@ On an H100 one width-128 ConvNet at batch 256 already saturates the GPU (batched
 images/s at 8x the memory, bench/RESULTS.md), so every profile uses groups of one. Each
 finished expert is one safetensors file, written atomically, so a killed run resumes at the
 next unfinished expert and never recomputes a finished one.
+
+On W processes (a `Group`, datm/distributed.py; not to be confused with `ExpertConfig.group`,
+the experts batched into one model) rank r trains the r-th, (r + W)-th, ... batch of missing
+experts into the same (shared) folder. An expert's seeds come from its index alone, so its file
+is the same bytes whichever rank, and however many, trained it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch.func import grad, vmap
 from . import artifacts, flat_minimum
 from .augment import AugConfig, augment
 from .config import ExpertConfig
+from .distributed import SINGLE, Group
 from .events import Callback
 from .networks import FlatModel, NetSpec
 from .provenance import code_digest
@@ -136,8 +142,14 @@ def train_group(fm: FlatModel, seeds: list[int], x: torch.Tensor, y: torch.Tenso
 
 def train_experts(out_dir: str | Path, spec: NetSpec, x: torch.Tensor, y: torch.Tensor,
                   x_test: torch.Tensor, y_test: torch.Tensor, cfg: ExpertConfig, aug: AugConfig,
-                  data_id: str = "", callback: Callback | None = None) -> list[Path]:
-    """Make sure experts 0..K-1 exist in `out_dir`, training only the missing ones."""
+                  data_id: str = "", callback: Callback | None = None,
+                  group: Group = SINGLE) -> list[Path]:
+    """Make sure experts 0..K-1 exist in `out_dir`, training only the missing ones.
+
+    With several ranks, `out_dir` must be one folder they all see, and every rank returns only
+    once all K exist; the timeout of `group` must cover the wait for the slowest rank's last
+    expert.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = config_hash(spec, cfg, aug, data_id)
@@ -146,20 +158,24 @@ def train_experts(out_dir: str | Path, spec: NetSpec, x: torch.Tensor, y: torch.
     # made with the old ones: a setting that fails must not cost the finished work.
     with torch.no_grad():
         fm(fm.init(0), x[:2])
-    _drop_stale(out_dir, digest, cfg.num_experts)
-    todo = [k for k in range(cfg.num_experts) if not expert_path(out_dir, k).exists()]
+    if group.is_main:  # one rank deletes, or two would race (and kill each other's temp files)
+        _drop_stale(out_dir, digest, cfg.num_experts)
+    todo = _missing(out_dir, cfg.num_experts, group)
     if callback:
         callback({"event": "start", "done": cfg.num_experts - len(todo),
                   "total": cfg.num_experts})
-    for start in range(0, len(todo), cfg.group):
-        group = todo[start:start + cfg.group]
+    # The batched groups are made first and dealt out whole, so each is the one a single
+    # process would train: the same vmap batch, the same bytes (with groups of one, rank r
+    # trains the r-th, (r + W)-th, ... missing expert).
+    batches = [todo[start:start + cfg.group] for start in range(0, len(todo), cfg.group)]
+    for batch in group.shard(batches):
         if callback:
-            callback({"event": "group", "experts": group})
+            callback({"event": "group", "experts": batch})
         tic = time.perf_counter()
-        trajs, history = train_group(fm, [cfg.seed * 100_003 + k for k in group], x, y,
+        trajs, history = train_group(fm, [cfg.seed * 100_003 + k for k in batch], x, y,
                                      x_test, y_test, cfg, aug, callback)
         seconds = time.perf_counter() - tic
-        for j, k in enumerate(group):
+        for j, k in enumerate(batch):
             meta = {"spec": spec.to_dict(), "config": asdict(cfg), "aug": asdict(aug),
                     "hash": digest, "index": k, "epochs": cfg.epochs,
                     "train_acc": [a[j] for a in history["train_acc"]],
@@ -170,8 +186,25 @@ def train_experts(out_dir: str | Path, spec: NetSpec, x: torch.Tensor, y: torch.
             artifacts.save(expert_path(out_dir, k), {"trajectory": trajs[j]}, KIND, meta)
             if callback:
                 callback({"event": "expert", "index": k, "meta": meta,
-                          "seconds": seconds / len(group)})
+                          "seconds": seconds / len(batch)})
+    group.barrier()  # the other ranks' experts exist too before anyone reads the folder
     return [expert_path(out_dir, k) for k in range(cfg.num_experts)]
+
+
+def _missing(out_dir: Path, total: int, group: Group) -> list[int]:
+    """The experts not yet in `out_dir`, as the main rank sees them, on every rank.
+
+    One listing, shared: a rank listing the folder later could already see an expert another
+    rank has just written, and the ranks would shard different lists. The collective also keeps
+    the others from writing before the main rank has dropped stale files.
+    """
+    if not group.distributed:
+        return [k for k in range(total) if not expert_path(out_dir, k).exists()]
+    flags = torch.zeros(total, dtype=torch.float64, device=group.device)
+    if group.is_main:
+        flags += torch.tensor([not expert_path(out_dir, k).exists() for k in range(total)],
+                              dtype=torch.float64, device=group.device)
+    return [k for k, f in enumerate(group.all_reduce_sum(flags).tolist()) if f]
 
 
 def _drop_stale(out_dir: Path, digest: str, keep: int) -> None:

@@ -382,3 +382,20 @@ def test_a_random_real_baseline_never_comes_out_smaller_than_asked():
     assert random_subset(y, 2, 2, seed=0).numel() == 4
     with pytest.raises(UserError, match="class 1, which has 2"):
         random_subset(y, 3, 2, seed=0)
+
+
+def test_evaluation_settings_per_ipc_overlay_the_evaluate_section():
+    raw = tiny_raw()
+    raw["evaluate"]["ipc"] = {"2": {"epochs": 7, "batch": 5}}
+    params = Params.from_dict(raw)
+    assert (params.evaluation(2).epochs, params.evaluation(2).batch) == (7, 5)
+    assert params.evaluation(1) == params.evaluate  # no entry: the section as it is
+    raw["evaluate"]["ipc"] = {"3": {"epochs": 7}}
+    with pytest.raises(ConfigError, match="IPC 3 is not in distill.ipcs"):
+        Params.from_dict(raw)
+    raw["evaluate"]["ipc"] = {"2": {"fullset_epochs": 7}}
+    with pytest.raises(ConfigError, match="fullset_epochs is the full-set run's"):
+        Params.from_dict(raw)
+    raw["evaluate"]["ipc"] = {"2": {"epochs": "x"}}
+    with pytest.raises(ConfigError, match=r"evaluate\.ipc\.2\.epochs must be int"):
+        Params.from_dict(raw)

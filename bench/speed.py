@@ -61,7 +61,7 @@ from datm.experts import ExpertConfig
 from datm.matching import Plan, make_plan, match
 from datm.networks import FlatModel, NetSpec, soft_cross_entropy
 
-# name: (N syn steps, batch_syn, images per class), CIFAR-10 (ALGORITHM.md section 4)
+# name: (N syn steps, batch_syn, images per class), CIFAR-10 (docs/METHOD.md, "Published settings")
 SETTINGS = {"ipc10": (80, 100, 10), "ipc50": (80, 500, 50), "ipc1000": (100, 1000, 1000)}
 IMPLS = ("recompute", "unroll", "plain")
 # The estimate counts what autograd saves; allocator overhead and backward transients came to

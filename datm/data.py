@@ -79,7 +79,7 @@ def to_model_space(images: torch.Tensor, mean: list[float], std: list[float],
     """Pixels in [0, 255] (uint8 or float) -> the space that networks and distillation use.
 
     With ZCA: whitened raw [0, 1] pixels, no per-channel normalization (the DATM reference,
-    ALGORITHM.md section 5; the whitening centres the data itself). Without: normalized.
+    docs/METHOD.md, "ZCA whitening"; the whitening centres the data itself). Without: normalized.
     """
     if zca.enabled:
         return zca.whiten(images.float() / 255.0)

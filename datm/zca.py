@@ -1,7 +1,7 @@
 """ZCA whitening: fit on training images, whiten for the model, de-whiten for people.
 
 The definition is kornia's `ZCAWhitening(eps)`, which the DATM reference uses on raw [0, 1]
-pixels (ALGORITHM.md section 5): covariance with 1/(N-1), eps added to its eigenvalues.
+pixels (docs/METHOD.md, "ZCA whitening"): covariance with 1/(N-1), eps added to its eigenvalues.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ def test_flip_mirrors_exactly_the_flagged_images():
 
 @pytest.mark.parametrize("size", [8, 9, 10, 28, 32])
 def test_cutout_inside_the_image_removes_a_square_of_the_configured_side(size):
-    """ALGORITHM.md 5 / DSA: cutout side = int(size * 0.5 + 0.5) pixels, here fully inside."""
+    """docs/METHOD.md, "Network and augmentation": cutout side int(size * 0.5 + 0.5), fully inside."""
     cfg = AugConfig(strategy="cutout", cutout=0.5)
     side = int(size * cfg.cutout + 0.5)
     centre = float(size // 2)

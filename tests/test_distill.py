@@ -39,7 +39,7 @@ def test_upper_bound_follows_sequential_generation(t_min, t_sg, t_max, sg_end):
                         sg_end=sg_end)
     bounds = [upper_bound(cfg, it) for it in range(3 * sg_end)]
     for it, u in enumerate(bounds):
-        # ALGORITHM.md section 3: U = min(T+, T + (T+ - T) * it / sg_end), as a whole epoch
+        # docs/METHOD.md, "Difficulty alignment": U = min(T+, T + (T+ - T) * it / sg_end), as a whole epoch
         assert u == min(t_max, t_sg + int((t_max - t_sg) * it / sg_end)), it
     assert bounds[0] == t_sg
     assert all(u == t_max for u in bounds[sg_end:])
@@ -150,7 +150,7 @@ def test_noise_init_gives_ipc_images_per_class_even_for_a_short_class(tiny_buffe
 # --- initialization -----------------------------------------------------------------------------
 
 def _expert_logits_at(buffer, epoch: int, images: torch.Tensor, y: torch.Tensor):
-    """ALGORITHM.md 3: mean logits of the experts that classify each image correctly."""
+    """docs/METHOD.md, "Initialization and soft labels": mean logits of the experts right on each."""
     fm = FlatModel(buffer.spec)
     logits = torch.stack([fm(buffer.epochs_of(k, [epoch])[0], images)
                           for k in range(len(buffer))])
@@ -179,7 +179,7 @@ def test_initialize_is_class_major_real_images_with_expert_labels(tiny_buffer, t
         assert int(y[match[0]]) == int(c), "not class-major"
         used.append(int(match[0]))
     assert len(set(used)) == 9  # no image chosen twice
-    # soft labels from the experts' FINAL epoch (ALGORITHM.md 3): for real_correct the mean
+    # FINAL-epoch soft labels (docs/METHOD.md, "Initialization and soft labels"): for real_correct the mean
     # logits of the experts that are right, for real the logits of one (seeded) expert
     last = tiny_buffer.epochs
     assert report["label_epoch"] == last
@@ -262,7 +262,7 @@ def _class_of_real_image(x: torch.Tensor, y: torch.Tensor, img: torch.Tensor) ->
 
 
 def test_soft_labels_are_the_final_epoch_experts_that_are_right(tiny_buffer, tiny_data):
-    """ALGORITHM.md 3 (Label_Model_Timestamp = -1): label_epoch -1 is the experts' last epoch,
+    """docs/METHOD.md, "Initialization and soft labels": label_epoch -1 is the experts' last epoch,
     whatever T+ is; the labels are the mean logits of the experts right on each image."""
     x, y, _, _ = tiny_data
     cfg = DistillConfig(ipc=3, max_start_epoch=2)  # T+ far below the last epoch (5)

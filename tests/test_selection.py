@@ -1,6 +1,6 @@
 """Selection among a run's sets on a validation split of the TRAINING images (never the test split).
 
-ALGORITHM.md section 3: the reference keeps the set with the best test accuracy, which makes
+docs/METHOD.md, "Selection on a validation split": the reference keeps the best test set, which makes
 its numbers optimistic; datm keeps the final set unless `select_every` asks for a choice.
 """
 

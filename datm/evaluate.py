@@ -103,7 +103,7 @@ def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: fl
 def evaluate_set(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: float, epochs: int,
                  models: int, cfg: EvalConfig, aug: AugConfig, x_test: torch.Tensor,
                  y_test: torch.Tensor, seed: int, callback: Callback | None = None,
-                 group: Group = SINGLE) -> dict:
+                 group: Group = SINGLE, test_every: int = 0) -> dict:
     """Accuracy of `models` fresh networks on one set: {"mean", "std", "accs", "seconds"}.
 
     On several ranks model k trains on rank k % W with the seeds it has in one process, and
@@ -113,7 +113,7 @@ def evaluate_set(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: floa
     for k in group.shard(range(models)):
         tic = time.perf_counter()
         mine_acc[k] = train_and_test(spec, x, targets, lr, epochs, cfg, aug, x_test, y_test,
-                                     seed * 1009 + k, callback)
+                                     seed * 1009 + k, callback, test_every)
         mine_seconds[k] = time.perf_counter() - tic
         if callback:
             callback({"event": "model", "model": k + 1, "models": models, "acc": mine_acc[k]})

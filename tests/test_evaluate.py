@@ -373,3 +373,17 @@ def test_evaluate_ipc_records_each_models_lr_and_recipe(tmp_path):
     accs = [r["acc"] for r in runs["distilled"]]
     assert ev["distilled"] == pytest.approx(sum(accs) / 2)
     assert ev["distilled_std"] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))
+
+
+def test_test_every_reports_an_accuracy_curve(blobs):
+    x, y, xt, yt = blobs
+    events: list[dict] = []
+    evaluate.train_and_test(SPEC, x, y, 0.01, 5, EvalConfig(batch=16), AUG, xt, yt, seed=0,
+                            callback=events.append, test_every=2)
+    curve = [(e["epoch"], e["acc"]) for e in events if e["event"] == "test"]
+    assert [epoch for epoch, _ in curve] == [2, 4]  # the last epoch is the returned accuracy
+    assert all(0 <= acc <= 1 for _, acc in curve)
+    events.clear()
+    evaluate.train_and_test(SPEC, x, y, 0.01, 5, EvalConfig(batch=16), AUG, xt, yt, seed=0,
+                            callback=events.append)
+    assert not [e for e in events if e["event"] == "test"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,10 +22,14 @@ RootOpt = Annotated[Path, typer.Option("--root", help="project root (data/, arti
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 
 
-def _run(fn) -> None:
+def _run(fn, stage: str | None = None, root: Path = Path(".")) -> None:
+    """Run `fn` as `stage` by hand; afterwards warn if that changed outputs DVC tracks."""
     code = common.guarded(fn)
     if code:
         raise typer.Exit(code)
+    warning = common.dvc_tracked_warning(root, stage) if stage else None
+    if warning:
+        common.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
 @app.command("data")
@@ -32,7 +37,7 @@ def data_cmd(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."))
     """Read the dataset into data/{train,test}.safetensors (stage: download)."""
     from stages import download
 
-    _run(lambda: download.run(str(params), str(root)))
+    _run(lambda: download.run(str(params), str(root)), "download", root)
 
 
 @app.command()
@@ -40,7 +45,7 @@ def zca(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> N
     """Fit ZCA whitening on the training images (stage: zca)."""
     from stages import zca as stage
 
-    _run(lambda: stage.run(str(params), str(root)))
+    _run(lambda: stage.run(str(params), str(root)), "zca", root)
 
 
 @app.command()
@@ -48,7 +53,7 @@ def buffers(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) 
     """Train the expert trajectories; resumes at the next unfinished expert (stage: buffers)."""
     from stages import buffers as stage
 
-    _run(lambda: stage.run(str(params), str(root)))
+    _run(lambda: stage.run(str(params), str(root)), "buffers", root)
 
 
 @app.command()
@@ -58,7 +63,7 @@ def distill(ipc: Annotated[int, typer.Option(help="images per class")],
     """Distill one IPC; resumes from its checkpoint after a kill (stage: distill@IPC)."""
     from stages import distill as stage
 
-    _run(lambda: stage.run(ipc, str(params), str(root), fresh))
+    _run(lambda: stage.run(ipc, str(params), str(root), fresh), f"distill@{ipc}", root)
 
 
 @app.command()
@@ -66,7 +71,17 @@ def fullset(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) 
     """Accuracy of the evaluation network on the full real training set (stage: fullset)."""
     from stages import evaluate as stage
 
-    _run(lambda: stage.run_fullset(str(params), str(root)))
+    _run(lambda: stage.run_fullset(str(params), str(root)), "fullset", root)
+
+
+@app.command()
+def baseline(ipc: Annotated[int, typer.Option(help="images per class")],
+             params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Accuracy of fresh networks on a random real subset of IPC images per class, the
+    baseline `datm evaluate --ipc` reports beside the distilled set (stage: baseline@IPC)."""
+    from stages import evaluate as stage
+
+    _run(lambda: stage.run_baseline(ipc, str(params), str(root)), f"baseline@{ipc}", root)
 
 
 @app.command()
@@ -81,7 +96,7 @@ def evaluate(ipc: Annotated[int | None, typer.Option(help="evaluate this distill
         common.console.print("[bold red]error:[/] pass exactly one of --ipc N or --from DIR")
         raise typer.Exit(2)
     if ipc is not None:
-        _run(lambda: stage.run(ipc, str(params), str(root)))
+        _run(lambda: stage.run(ipc, str(params), str(root)), f"evaluate@{ipc}", root)
     else:
         from stages import export as from_stage
 
@@ -93,7 +108,7 @@ def summary(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) 
     """Accuracy vs IPC table, figures and reports/summary.md (stage: summary)."""
     from stages import summary as stage
 
-    _run(lambda: stage.run(str(params), str(root)))
+    _run(lambda: stage.run(str(params), str(root)), "summary", root)
 
 
 @app.command()
@@ -102,11 +117,12 @@ def export(ipc: Annotated[int, typer.Option(help="which distilled IPC")],
            format: Annotated[str, typer.Option(
                "--format", "-f", help="safetensors | pt | npz | png")] = "safetensors",
            force: Annotated[bool, typer.Option(help="overwrite a non-empty --out")] = False,
-           root: RootOpt = Path(".")) -> None:
-    """Write a distilled set in pixel space with soft labels, lr and a dataset card."""
+           params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Write a distilled set in pixel space with soft labels, lr, its ZCA, a dataset card with
+    the training recipe, and train.py (plain PyTorch) that trains on it by that recipe."""
     from stages import export as stage
 
-    _run(lambda: stage.export(ipc, format, out, force, str(root)))
+    _run(lambda: stage.export(ipc, format, out, force, str(root), str(params)))
 
 
 @app.command()
@@ -142,7 +158,7 @@ def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
     import socket
     import time
 
-    from datm.tracking import default_uri
+    from datm.tracking import artifact_root, default_uri
 
     with socket.socket() as probe:  # the server would only log the clash, then exit 0
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
@@ -158,8 +174,12 @@ def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     # A process group of its own, so that stopping datm stops the server's workers too: a
     # signal to datm alone would leave them listening.
+    # a SQLite store's artifacts lie beside it (datm.tracking), wherever the project now is
+    artifacts = artifact_root(uri)
+    extra = ["--artifacts-destination", str(artifacts)] if artifacts else []
     server = subprocess.Popen([mlflow, "ui", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", uri], env=env, start_new_session=True)
+                               "--backend-store-uri", uri, *extra], env=env,
+                              start_new_session=True)
     received: list[int] = []
 
     def signal_group(signum: int) -> bool:
@@ -184,22 +204,103 @@ def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
     raise typer.Exit(128 + received[0] if received else code)
 
 
+VEGA_INSTALL = "npm install --prefix .plots vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0"
+
+
+def _offline_page(root: Path) -> str:
+    """plots/page.html with its vega scripts written into it: an HTML template for DVC whose
+    page renders without a network and wherever it is copied."""
+    import re
+
+    from datm.errors import UserError
+
+    page = root / "plots" / "page.html"
+    if not page.is_file():
+        raise UserError(f"{page} is missing: the HTML template of `datm plots`")
+
+    def inline(match: re.Match) -> str:
+        # the sources are relative to dvc_plots/ in the project (or in datm's own checkout)
+        for base in (root, PRESETS.parent):
+            source = (base / "dvc_plots" / match.group(1)).resolve()
+            if source.is_file():
+                code = source.read_text(encoding="utf-8").replace("</script", "<\\/script")
+                return f"<script>{code}</script>"
+        raise UserError(f"{match.group(1).split('node_modules/')[-1]} is not installed: run "
+                        f"`{VEGA_INSTALL}` in the project (scripts/setup.sh does)")
+
+    return re.sub(r'<script src="([^"]+)"></script>', inline, page.read_text(encoding="utf-8"))
+
+
+@app.command()
+def plots(revisions: Annotated[list[str] | None, typer.Argument(
+              help="commits or experiments to compare (`dvc plots diff`); none: the workspace")]
+          = None,
+          out: Annotated[Path, typer.Option("--out", "-o", help="folder of the page")]
+          = Path("dvc_plots"),
+          root: RootOpt = Path(".")) -> None:
+    """Accuracy vs IPC and the matching loss per IPC as one HTML page that renders offline
+    (`dvc plots show`/`diff` with the vega scripts from .plots/ instead of a CDN)."""
+    import tempfile
+
+    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    with tempfile.TemporaryDirectory() as tmp:
+        template = Path(tmp) / "page.html"
+        _run(lambda: template.write_text(_offline_page(root), encoding="utf-8"))
+        cmd = [dvc, "plots", "diff", *revisions] if revisions else [dvc, "plots", "show"]
+        cmd += ["--html-template", str(template), "-o", str(out.resolve())]
+        code = subprocess.call(cmd, cwd=root)
+    raise typer.Exit(code)
+
+
+def _dvc_changed(root: Path) -> set[str] | None:
+    """The stages `dvc status` lists (changed deps, params, code or outputs), or None when
+    this is no DVC project or dvc cannot tell."""
+    if not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
+        return None
+    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    try:
+        out = subprocess.run([dvc, "status", "--json"], cwd=root, capture_output=True, text=True,
+                             timeout=300)
+        listed = json.loads(out.stdout.strip() or "{}") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    # stages of dvc.yaml appear by name; others as "path/dvc.yaml:name"
+    return None if not isinstance(listed, dict) else {k.rsplit(":", 1)[-1] for k in listed}
+
+
 @app.command()
 def status(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Which artifacts exist, and how far the expert buffer and each distillation are."""
+    """Which artifacts exist, how far the expert buffer and each distillation are, and which
+    DVC would re-run (`dvc status`). The table goes to stdout."""
+    from rich.console import Console
     from rich.table import Table
 
     from datm import artifacts, pipeline
+    from datm.steps.evaluate import baseline_path
 
     def go() -> None:
         p, pa = common.load(str(params)), common.paths(root)
+        changed = _dvc_changed(root)
         table = Table("artifact", "state", "path")
-        for name, path in (("train split", pa.train), ("test split", pa.test), ("zca", pa.zca)):
-            table.add_row(name, "ok" if path.is_file() else "missing", str(path))
+
+        def row(name: str, stage: str, path: Path, state: str) -> None:
+            # an artifact that exists but that DVC would re-run is not done: say so
+            if changed and stage in changed and path.exists():
+                state = "stale (dvc status)" if state in ("ok", "done") else \
+                    f"{state}, stale (dvc status)"
+            table.add_row(name, state, str(path))
+
+        def ok(path: Path) -> str:
+            return "ok" if path.is_file() else "missing"
+
+        for name, path in (("train split", pa.train), ("test split", pa.test)):
+            row(name, "download", path, ok(path))
+        row("zca", "zca", pa.zca, ok(pa.zca))
         buf = pipeline.buffer_status(pa)
         acc = f", mean test acc {buf['mean_test_acc']:.4f}" if buf["mean_test_acc"] else ""
-        table.add_row("experts", f"{buf['experts']}/{p.buffers.num_experts}{acc}", str(pa.buffers))
-        table.add_row("fullset", "ok" if pa.fullset.is_file() else "missing", str(pa.fullset))
+        row("experts", "buffers", pa.buffers,
+            f"{buf['experts']}/{p.buffers.num_experts}{acc}")
+        row("fullset", "fullset", pa.fullset, ok(pa.fullset))
         for ipc in p.ipcs:
             cfg = p.distill(ipc)
             if pa.distilled(ipc).is_file():
@@ -212,11 +313,18 @@ def status(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -
                     state = "damaged checkpoint (distill starts over)"
             else:
                 state = "missing"
-            table.add_row(f"distilled ipc {ipc}", state, str(pa.distilled(ipc)))
-            table.add_row(f"evaluated ipc {ipc}",
-                          "ok" if pa.evaluation(ipc).is_file() else "missing",
-                          str(pa.evaluation(ipc)))
-        common.console.print(table)
+            row(f"distilled ipc {ipc}", f"distill@{ipc}", pa.distilled(ipc), state)
+            row(f"baseline ipc {ipc}", f"baseline@{ipc}", baseline_path(pa, ipc),
+                ok(baseline_path(pa, ipc)))
+            row(f"evaluated ipc {ipc}", f"evaluate@{ipc}", pa.evaluation(ipc),
+                ok(pa.evaluation(ipc)))
+        report = pa.reports / "summary.md"
+        row("summary", "summary", report, ok(report))
+        if changed is not None:
+            table.caption = ("dvc status: " + (", ".join(sorted(changed)) + " would re-run"
+                                               if changed else "up to date"))
+        # stdout, for `datm status | less`; a pipe gets room for whole paths, not 80 columns
+        Console(width=None if sys.stdout.isatty() else 200).print(table)
 
     _run(go)
 

@@ -20,4 +20,16 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[dev]"
 [ -d .git ] || git init -q
 [ -d .dvc ] || .venv/bin/dvc init -q
+
+# vega, vega-lite and vega-embed in .plots/ (git-ignored): `datm plots` writes them into its
+# HTML page, which then renders without a network (`dvc plots show` alone loads them from a CDN)
+VEGA="vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0"
+if [ ! -f .plots/node_modules/vega-embed/build/vega-embed.min.js ]; then
+  if command -v npm >/dev/null 2>&1; then
+    npm install --prefix .plots --no-audit --no-fund --loglevel=error $VEGA >/dev/null
+  else
+    echo "warning: no npm; for offline plots (datm plots) install Node.js and run" \
+         "'npm install --prefix .plots $VEGA'" >&2
+  fi
+fi
 echo "datm is set up: activate with 'source .venv/bin/activate'"

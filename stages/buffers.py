@@ -9,14 +9,13 @@ from dataclasses import asdict
 
 from datm.steps.buffers import buffers
 from datm.steps.project import write_json
-from datm.tracking import Tracker
 from stages import common
 
 
 def run(params: str = "params.yaml", root: str = ".") -> dict:
     p, pa = common.load(params), common.paths(root)
     cfg = p.buffers
-    with Tracker("buffers", root) as tracker, common.progress_bar() as bar:
+    with common.tracker("buffers", p, root) as tracker, common.progress_bar() as bar:
         tracker.params({"buffers": asdict(cfg), "net": asdict(p.net),
                         "augment": asdict(p.augment), "zca": asdict(p.zca), "data": p.data.name})
         task = bar.add_task("experts", total=None, info="")
@@ -43,6 +42,7 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
 
         summary = buffers(p, pa, on_event)
         tracker.metrics({"expert_acc": summary["expert_acc"]}, 0)
+        tracker.pipeline_metrics({"acc.experts": summary["expert_acc"]})
     write_json(pa.metrics / "buffers.json", summary)
     runs = summary["runs"]
     timed = [r for r in runs if r["seconds"]]

@@ -6,7 +6,6 @@ Checkpoints go to checkpoints/; running the same command again after a kill resu
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 from datm import artifacts, locks
@@ -17,13 +16,15 @@ from datm.visual import class_grid, save_png
 from stages import common
 
 
-def _log_grid(tracker: Tracker, holder: dict, iteration: int) -> None:
+def _log_grid(tracker: Tracker, holder: dict, name: str, folder: str | None = None) -> None:
+    """The current images as a grid. The first and the last have the same names in every run
+    (grid_init.png, grid_final.png): MLflow's compare view shows artifacts runs share."""
     if not tracker.active:
         return
     state = holder["state"]
     grid = class_grid(holder["pixels"](state.images), state.labels.shape[1])
     with tempfile.TemporaryDirectory() as tmp:
-        tracker.artifact(save_png(grid, Path(tmp) / f"grid_{iteration:06d}.png"), "grids")
+        tracker.artifact(save_png(grid, Path(tmp) / name), folder)
 
 
 def ipc_lock(pa: Paths, ipc: int):
@@ -35,12 +36,12 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = Fa
     p, pa = common.load(params), common.paths(root)
     cfg = p.distill(ipc)
     # The lock first: a refused run leaves no trace, not even an MLflow run.
-    with ipc_lock(pa, ipc), Tracker("distill", root, run_name=f"distill@{ipc}") as tracker, \
+    with ipc_lock(pa, ipc), common.tracker("distill", p, root, f"distill@{ipc}") as tracker, \
             common.progress_bar() as bar:
         # Under the lock nobody else writes these: a temp file beside them is a killed run's.
         artifacts.remove_stale_temps(pa.distilled(ipc))
         artifacts.remove_stale_temps(pa.checkpoint(ipc))
-        tracker.params({"distill": asdict(cfg), "augment": asdict(p.augment)})
+        tracker.params(common.settings(p, ipc))
         tracker.tags({"ipc": str(ipc)})
         task = bar.add_task(f"distill ipc {ipc}", total=cfg.iterations, info="")
         holder: dict = {}
@@ -52,9 +53,9 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = Fa
                 if e["resumed"]:
                     bar.console.print(f"resuming ipc {ipc} at iteration {e['iteration']}")
                 else:
-                    _log_grid(tracker, holder, 0)
+                    _log_grid(tracker, holder, "grid_init.png")
             elif e["event"] == "done":
-                _log_grid(tracker, holder, e["summary"]["iterations"])
+                _log_grid(tracker, holder, "grid_final.png")
             else:
                 it = e["iteration"]
                 bar.update(task, completed=it,
@@ -64,11 +65,12 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = Fa
                                  "upper_bound": e["upper_bound"], "lr": e["lr"],
                                  "skipped": e["skipped"]}, it)
                 if it % cfg.grid_every == 0:
-                    _log_grid(tracker, holder, it)
+                    _log_grid(tracker, holder, f"grid_{it:06d}.png", "grids")
 
         summary = distill(p, pa, ipc, on_event, fresh=fresh)
         tracker.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))},
                         summary["iterations"])
+        tracker.pipeline_metrics({f"matching_loss.ipc{ipc}": summary["final_loss"]})
     done = summary["iterations"] - summary["resumed_at"]
     resumed = f" (resumed at {summary['resumed_at']})" if summary["resumed_at"] else ""
     common.console.print(f"[green]distill ipc {ipc}:[/] {summary['iterations']} iterations{resumed}, "

@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from datm.steps.download import download
-from datm.tracking import Tracker
 from stages import common
 
 
 def run(params: str = "params.yaml", root: str = ".") -> dict:
     p, pa = common.load(params), common.paths(root)
-    with Tracker("download", root) as tracker:
+    with common.tracker("download", p, root) as tracker:
         tracker.params(asdict(p.data), "data.")
         with common.console.status(f"reading {p.data.name}"):
             summary = download(p, pa)

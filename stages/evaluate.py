@@ -1,14 +1,16 @@
-"""Stages fullset and evaluate@<ipc>: accuracy of fresh networks trained on each set.
+"""Stages fullset, baseline@<ipc> and evaluate@<ipc>: accuracy of fresh networks trained on
+each set.
 
-`python -m stages.evaluate --fullset` trains on the whole real set (cached: distill settings do
-not touch it); `--ipc N` evaluates the distilled set and a random real subset of the same size.
+`python -m stages.evaluate --fullset` trains on the whole real set, `--baseline N` on a random
+real subset of N images per class (both cached: distill settings do not touch them); `--ipc N`
+evaluates the distilled set beside that baseline.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
 
-from datm.steps.evaluate import evaluate_ipc, fullset
+from datm.steps.evaluate import baseline_ipc, evaluate_ipc, fullset
 from datm.tracking import Tracker
 from stages import common
 
@@ -33,26 +35,47 @@ def progress_events(tracker: Tracker, bar, task, prefix: str):
 
 def run_fullset(params: str = "params.yaml", root: str = ".") -> dict:
     p, pa = common.load(params), common.paths(root)
-    with Tracker("fullset", root) as tracker, common.progress_bar() as bar:
+    with common.tracker("fullset", p, root) as tracker, common.progress_bar() as bar:
         tracker.params({"evaluate": asdict(p.evaluate), "net": asdict(p.net)})
         task = bar.add_task("full dataset", total=p.evaluate.fullset_epochs, info="")
         summary = fullset(p, pa, progress_events(tracker, bar, task, "full dataset"))
         tracker.metrics({"full_dataset": summary["full_dataset"], "seconds": summary["seconds"]}, 0)
+        tracker.pipeline_metrics({"acc.full_dataset": summary["full_dataset"]})
     common.console.print(f"[green]fullset:[/] {summary['full_dataset']:.4f} test accuracy "
                          f"({p.evaluate.fullset_epochs} epochs, {summary['seconds']:.0f}s)")
     return summary
 
 
+def run_baseline(ipc: int, params: str = "params.yaml", root: str = ".") -> dict:
+    p, pa = common.load(params), common.paths(root)
+    with common.tracker("baseline", p, root, f"baseline@{ipc}") as tracker, \
+            common.progress_bar() as bar:
+        tracker.params({**common.settings(p, ipc), "ipc": ipc})
+        tracker.tags({"ipc": str(ipc)})
+        task = bar.add_task(f"random real ipc {ipc}", total=p.evaluate.epochs, info="")
+        summary = baseline_ipc(p, pa, ipc, progress_events(tracker, bar, task, "random real"))
+        tracker.metrics({"random_real": summary["random_real"],
+                         "random_real_std": summary["random_real_std"]}, 0)
+        tracker.pipeline_metrics({f"acc.random_real.ipc{ipc}": summary["random_real"]})
+    common.console.print(f"[green]baseline ipc {ipc}:[/] random real {summary['random_real']:.4f}"
+                         f" ± {summary['random_real_std']:.4f}")
+    return summary
+
+
 def run(ipc: int, params: str = "params.yaml", root: str = ".") -> dict:
     p, pa = common.load(params), common.paths(root)
-    with Tracker("evaluate", root, run_name=f"evaluate@{ipc}") as tracker, \
+    with common.tracker("evaluate", p, root, f"evaluate@{ipc}") as tracker, \
             common.progress_bar() as bar:
-        tracker.params({"evaluate": asdict(p.evaluate), "ipc": ipc})
+        tracker.params({**common.settings(p, ipc), "ipc": ipc})
         tracker.tags({"ipc": str(ipc)})
         task = bar.add_task(f"evaluate ipc {ipc}", total=p.evaluate.epochs, info="")
         summary = evaluate_ipc(p, pa, ipc, progress_events(tracker, bar, task, ""))
         tracker.metrics({k: v for k, v in summary.items()
                          if isinstance(v, (int, float)) and v is not None}, 0)
+        tracker.pipeline_metrics({f"acc.distilled.ipc{ipc}": summary["distilled"],
+                                  f"acc.random_real.ipc{ipc}": summary["random_real"],
+                                  "acc.full_dataset": summary["full_dataset"],
+                                  f"matching_loss.ipc{ipc}": summary["matching_loss"]})
     full = summary["full_dataset"]
     common.console.print(
         f"[green]evaluate ipc {ipc}:[/] distilled {summary['distilled']:.4f} ± "
@@ -63,11 +86,14 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".") -> dict:
 
 if __name__ == "__main__":
     args = common.parse(__doc__, lambda a: (a.add_argument("--ipc", type=int),
+                                            a.add_argument("--baseline", type=int, metavar="N"),
                                             a.add_argument("--fullset", action="store_true")))
     if args.fullset:
         common.main(lambda: run_fullset(args.params, args.root))
+    elif args.baseline is not None:
+        common.main(lambda: run_baseline(args.baseline, args.params, args.root))
     elif args.ipc is None:
-        common.console.print("[bold red]error:[/] pass --ipc N or --fullset")
+        common.console.print("[bold red]error:[/] pass --ipc N, --baseline N or --fullset")
         raise SystemExit(2)
     else:
         common.main(lambda: run(args.ipc, args.params, args.root))

@@ -9,7 +9,6 @@ from pathlib import Path
 from datm import artifacts
 from datm.config import Params, Paths
 from datm.steps.project import distilled_pixels, load_distilled
-from datm.tracking import Tracker
 from datm.visual import class_grid, save_png
 from stages import common
 
@@ -48,16 +47,18 @@ def _accuracy_figure(rows: list[dict], path: Path):
 
 
 def _grids(p: Params, pa: Paths) -> list[Path]:
-    out = []
+    """The de-whitened grid of every IPC, and every IPC's matching loss in one long table
+    (iteration, ipc, loss): `dvc plots` draws one panel per IPC from it (plots/loss.json)."""
+    out, losses = [], []
     for ipc in p.ipcs:
         tensors, meta = load_distilled(pa.distilled(ipc))
         pixels = distilled_pixels(pa, tensors, meta)
         out.append(save_png(class_grid(pixels, len(meta["classes"])),
                             pa.reports / f"grid_ipc_{ipc}.png"))
-        history = tensors["history"].tolist()
-        _write_csv(pa.metrics / "plots" / "loss" / f"ipc_{ipc}.csv",
-                   [{"iteration": int(r[0]) + 1, "loss": r[1]} for r in history] or
-                   [{"iteration": 0, "loss": float("nan")}])
+        losses += [{"iteration": int(r[0]) + 1, "ipc": ipc, "loss": r[1]}
+                   for r in tensors["history"].tolist()]
+    _write_csv(pa.metrics / "plots" / "loss.csv",
+               losses or [{"iteration": 0, "ipc": p.ipcs[0], "loss": float("nan")}])
     return out
 
 
@@ -89,7 +90,7 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
         if not path.is_file():
             raise artifacts.ArtifactError(f"missing {path}: run evaluate@{ipc} first")
         rows.append(json.loads(path.read_text()))
-    with Tracker("summary", root) as tracker:
+    with common.tracker("summary", p, root) as tracker:
         fig = _accuracy_figure(rows, pa.reports / "accuracy_vs_ipc.png")
         tracker.figure(fig, "accuracy_vs_ipc.png")
         grids = _grids(p, pa)
@@ -98,6 +99,11 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
         for r in rows:
             tracker.metrics({"distilled_acc": r["distilled"], "random_acc": r["random_real"]},
                             r["ipc"])
+            # every IPC's result on the parent run, also those DVC took from its cache
+            tracker.pipeline_metrics({f"acc.distilled.ipc{r['ipc']}": r["distilled"],
+                                      f"acc.random_real.ipc{r['ipc']}": r["random_real"],
+                                      "acc.full_dataset": r.get("full_dataset"),
+                                      f"matching_loss.ipc{r['ipc']}": r["matching_loss"]})
         table = [{"ipc": r["ipc"], "distilled": r["distilled"], "random_real": r["random_real"],
                   "full_dataset": r.get("full_dataset")} for r in rows]
         _write_csv(pa.metrics / "plots" / "accuracy.csv", table)

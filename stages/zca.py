@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from datm.steps.zca import fit_zca
-from datm.tracking import Tracker
 from stages import common
 
 
 def run(params: str = "params.yaml", root: str = ".") -> dict:
     p, pa = common.load(params), common.paths(root)
-    with Tracker("zca", root) as tracker:
+    with common.tracker("zca", p, root) as tracker:
         tracker.params(asdict(p.zca), "zca.")
         with common.console.status("fitting ZCA"):
             summary = fit_zca(p, pa)

@@ -171,7 +171,8 @@ def test_evaluate_set_reports_mean_and_sample_std_over_distinct_seeds(blobs, mon
     seeds: list[int] = []
     accs = iter([0.5, 0.75, 1.0, 0.25, 0.5, 0.75, 0.6])
 
-    def fake(spec, xs, targets, lr, epochs, cfg, aug, x_test, y_test, seed, callback=None):
+    def fake(spec, xs, targets, lr, epochs, cfg, aug, x_test, y_test, seed, callback=None,
+             test_every=0):
         seeds.append(seed)
         return next(accs)
 

@@ -176,7 +176,8 @@ def test_the_selection_only_ever_sees_the_validation_images(monkeypatch, tiny_bu
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     real = evaluate.train_and_test
 
-    def spy(spec, xs, targets, lr, epochs, cfg, aug, x_test, y_test, seed, callback=None):
+    def spy(spec, xs, targets, lr, epochs, cfg, aug, x_test, y_test, seed, callback=None,
+            test_every=0):
         seen.append((x_test, y_test))
         return real(spec, xs, targets, lr, epochs, cfg, aug, x_test, y_test, seed, callback)
 
@@ -210,7 +211,8 @@ def test_pipeline_selects_on_training_images_never_the_test_split(monkeypatch, t
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     real_train = evaluate.train_and_test
 
-    def spy(spec, xs, targets, lr, epochs, cfg, aug, x_test, y_test, seed, callback=None):
+    def spy(spec, xs, targets, lr, epochs, cfg, aug, x_test, y_test, seed, callback=None,
+            test_every=0):
         seen.append((x_test, y_test))
         return real_train(spec, xs, targets, lr, epochs, cfg, aug, x_test, y_test, seed, callback)
 

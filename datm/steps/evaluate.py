@@ -1,18 +1,25 @@
-"""Steps fullset and evaluate@<ipc>: accuracy of fresh networks trained on each set."""
+"""Steps fullset, baseline@<ipc> and evaluate@<ipc>: accuracy of fresh networks trained on
+each set.
+
+The random real baseline of an IPC depends on the evaluation recipe and the data, never on the
+distilled set: baseline@<ipc> computes it once into metrics/baseline/ipc_<ipc>.json, and
+evaluate@<ipc> reads it there, so a new distilled set does not train it again.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from .. import evaluate
+from .. import augment, evaluate, networks, provenance
 from ..config import EvalConfig, Params, Paths
 from ..errors import UserError
 from ..events import Callback
-from .project import load_distilled, model_data, quiet, write_json
+from .project import ModelData, load_distilled, model_data, quiet, write_json
 
 
 def check_finite(where: str | Path, **tensors: torch.Tensor) -> None:
@@ -48,8 +55,64 @@ def fullset(params: Params, paths: Paths, callback: Callback = quiet) -> dict:
     return {**summary, "seconds": sum(result["seconds"])}
 
 
+def baseline_path(paths: Paths, ipc: int) -> Path:
+    return paths.metrics / "baseline" / f"ipc_{ipc}.json"
+
+
+def _protocol(params: Params, md: ModelData, ipc: int) -> str:
+    """What a random real baseline is a function of: the data (by content), the recipe's
+    settings the baseline uses, the IPC and the code. A baseline file of another protocol is
+    not used (e.g. `datm evaluate` by hand after a settings change)."""
+    cfg = params.evaluate
+    recipe = {"ipc": ipc, "data": md.identity, "net": asdict(params.net),
+              "augment": asdict(params.augment), "device": str(md.x.device),
+              **{k: getattr(cfg, k) for k in ("arch", "models", "epochs", "batch", "momentum",
+                                              "weight_decay", "augment", "random_lr", "seed")},
+              "code": provenance.code_digest(evaluate, augment, networks)}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _random_real(params: Params, md: ModelData, ipc: int, callback: Callback) -> dict:
+    """`evaluate.models` fresh networks on a random real subset of `ipc` images per class."""
+    cfg = params.evaluate
+    spec = evaluate.arch_spec(md.spec(params), cfg.arch)
+    callback({"event": "set", "name": "random real", "models": cfg.models})
+    idx = evaluate.random_subset(md.y, ipc, len(md.classes), cfg.seed + ipc)
+    rand = evaluate.evaluate_set(spec, md.x[idx], md.y[idx], cfg.random_lr, cfg.epochs,
+                                 cfg.models, cfg, params.augment, md.x_test, md.y_test,
+                                 cfg.seed + 1, callback)
+    return {"ipc": ipc, "random_real": rand["mean"], "random_real_std": rand["std"],
+            "protocol": _protocol(params, md, ipc),
+            "runs": runs("random real", rand, cfg.random_lr, cfg.epochs, cfg),
+            "seconds": sum(rand["seconds"])}
+
+
+def baseline_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = quiet) -> dict:
+    """The random real baseline of an IPC -> metrics/baseline/ipc_<ipc>.json (no wall time:
+    evaluate@<ipc> depends on the file)."""
+    params.distill(ipc)  # a clear error for an IPC that is not configured
+    summary = _random_real(params, model_data(paths, params.torch_device()), ipc, callback)
+    write_json(baseline_path(paths, ipc), {k: v for k, v in summary.items() if k != "seconds"})
+    return summary
+
+
+def _stored_baseline(params: Params, paths: Paths, md: ModelData, ipc: int) -> dict | None:
+    """The baseline file of this IPC when it was computed under the current protocol."""
+    try:
+        stored = json.loads(baseline_path(paths, ipc).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or stored.get("protocol") != _protocol(params, md, ipc):
+        return None
+    return {**stored, "seconds": 0.0}
+
+
 def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = quiet) -> dict:
-    """Distilled set vs a random real subset of the same size vs the full set (cached)."""
+    """Distilled set vs a random real subset of the same size vs the full set (cached).
+
+    The random real subset's accuracy comes from baseline@<ipc>'s file when it holds the
+    current protocol; otherwise it is trained here (and not written: that is baseline's file).
+    """
     cfg = params.evaluate
     params.distill(ipc)  # a clear error for an IPC that is not configured
     md = model_data(paths, params.torch_device())
@@ -62,18 +125,13 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
     dist = evaluate.evaluate_set(spec, tensors["images"].to(md.x.device),
                                  tensors["labels"].to(md.x.device), lr, cfg.epochs, cfg.models,
                                  cfg, params.augment, md.x_test, md.y_test, cfg.seed, callback)
-    callback({"event": "set", "name": "random real", "models": cfg.models})
-    idx = evaluate.random_subset(md.y, ipc, len(md.classes), cfg.seed + ipc)
-    rand = evaluate.evaluate_set(spec, md.x[idx], md.y[idx], cfg.random_lr, cfg.epochs,
-                                 cfg.models, cfg, params.augment, md.x_test, md.y_test,
-                                 cfg.seed + 1, callback)
+    rand = _stored_baseline(params, paths, md, ipc) or _random_real(params, md, ipc, callback)
     full = json.loads(paths.fullset.read_text()) if paths.fullset.is_file() else {}
     # One row per IPC in `dvc metrics show`: the accuracies as scalars, details in "runs".
     summary = {"ipc": ipc, "distilled": dist["mean"], "distilled_std": dist["std"],
-               "random_real": rand["mean"], "random_real_std": rand["std"],
+               "random_real": rand["random_real"], "random_real_std": rand["random_real_std"],
                "full_dataset": full.get("full_dataset"),
                "matching_loss": meta["summary"]["final_loss"],
-               "runs": runs("distilled", dist, lr, cfg.epochs, cfg)
-               + runs("random real", rand, cfg.random_lr, cfg.epochs, cfg)}
+               "runs": runs("distilled", dist, lr, cfg.epochs, cfg) + rand["runs"]}
     write_json(paths.evaluation(ipc), summary)
-    return {**summary, "seconds": sum(dist["seconds"]) + sum(rand["seconds"])}
+    return {**summary, "seconds": sum(dist["seconds"]) + rand["seconds"]}

@@ -342,7 +342,7 @@ class Params:
     buffers: ExpertConfig
     evaluate: EvalConfig
     distills: dict[int, DistillConfig]
-    evaluations: dict[int, EvalConfig]
+    evaluate_ipc: dict[int, dict]  # per-IPC overrides of `evaluate` (validated)
     device: str = "auto"
 
     @classmethod
@@ -368,7 +368,7 @@ class Params:
             evaluate=_build(EvalConfig, {"seed": seed, **_without_table(raw["evaluate"])},
                             "evaluate"),
             distills=_distills(raw["distill"], seed),
-            evaluations=_evaluations(raw["evaluate"], raw["distill"], seed),
+            evaluate_ipc=_evaluate_ipc(raw["evaluate"], raw["distill"], seed),
             device=device,
         )
 
@@ -381,7 +381,7 @@ class Params:
         """The evaluation recipe of one IPC's sets (distilled and random real): `evaluate`
         overlaid with `evaluate.ipc.<ipc>`, e.g. fewer epochs for a large set on a CPU."""
         self.distill(ipc)  # a clear error for an IPC that is not configured
-        return self.evaluations[ipc]
+        return dataclasses.replace(self.evaluate, **self.evaluate_ipc.get(ipc, {}))
 
     def distill(self, ipc: int) -> DistillConfig:
         """The settings of one IPC: distill.defaults overlaid with distill.ipc.<ipc>."""
@@ -430,8 +430,9 @@ def _without_table(section: Any) -> dict:
     return {k: v for k, v in (section or {}).items() if k != "ipc"}
 
 
-def _evaluations(section: Any, distill: Any, seed: int) -> dict[int, EvalConfig]:
-    """Every listed IPC's evaluation recipe: `evaluate` overlaid with `evaluate.ipc.<ipc>`."""
+def _evaluate_ipc(section: Any, distill: Any, seed: int) -> dict[int, dict]:
+    """`evaluate.ipc`: per-IPC overrides of the `evaluate` section, each checked as the
+    EvalConfig it makes (types, ranges)."""
     base = {"seed": seed, **_without_table(section)}
     table = _ipc_table(section or {}, "evaluate.ipc")
     ipcs = (distill or {}).get("ipcs") or [] if isinstance(distill, dict) else []
@@ -441,8 +442,10 @@ def _evaluations(section: Any, distill: Any, seed: int) -> dict[int, EvalConfig]
     fullset = sorted(k for own in table.values() for k in own if k.startswith("fullset_"))
     if fullset:
         raise ConfigError(f"evaluate.ipc: {fullset[0]} is the full-set run's, not an IPC's")
-    return {ipc: _build(EvalConfig, {**base, **table.get(ipc, {})}, f"evaluate.ipc.{ipc}")
-            for ipc in ipcs}
+    for ipc, own in table.items():
+        _build(EvalConfig, {**base, **own}, f"evaluate.ipc.{ipc}")
+    return {ipc: {k: _typed(v, typing.get_type_hints(EvalConfig)[k], f"evaluate.ipc.{ipc}.{k}")
+                  for k, v in own.items()} for ipc, own in table.items()}
 
 
 def _distills(section: Any, seed: int) -> dict[int, DistillConfig]:

@@ -8,8 +8,10 @@ import torch
 
 from .artifacts import atomic_path
 
+GRID_PER_CLASS = 10  # images shown per class: a grid of IPC 50 would be 50 columns wide
 
-def class_grid(pixels: torch.Tensor, num_classes: int, per_row: int = 10,
+
+def class_grid(pixels: torch.Tensor, num_classes: int, per_row: int = GRID_PER_CLASS,
                min_side: int = 64) -> torch.Tensor:
     """Pixels [C*ipc, ch, H, W] (class-major, in [0, 1]) -> one grid image [ch, H', W'].
 

@@ -24,6 +24,10 @@ def progress_events(tracker: Tracker, bar, task, prefix: str):
         elif e["event"] == "epoch":
             bar.update(task, completed=e["epoch"], total=e["epochs"],
                        info=f"{state['set']} model {state['model'] + 1}")
+        elif e["event"] == "test":  # the accuracy curve of a run asked for one (fullset)
+            key = state["set"].replace(" ", "_")
+            suffix = f".model_{state['model']}" if state["model"] else ""
+            tracker.metrics({f"{key}{suffix}.test_acc": e["acc"]}, e["epoch"])
         elif e["event"] == "model":
             state["model"] = e["model"] % e["models"]
             key = state["set"].replace(" ", "_")

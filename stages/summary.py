@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from datm import artifacts
 from datm.config import Params, Paths
 from datm.steps.project import distilled_pixels, load_distilled
-from datm.visual import class_grid, save_png
+from datm.tracking import git_commit
+from datm.visual import GRID_PER_CLASS, class_grid, save_png
 from stages import common
 
 
@@ -62,23 +64,46 @@ def _grids(p: Params, pa: Paths) -> list[Path]:
     return out
 
 
-def _markdown(rows: list[dict], grids: list[Path], p: Params) -> str:
-    full = rows[0].get("full_dataset")
+def _pct(value: float | None, signed: bool = False) -> str:
+    return "" if value is None else f"{100 * value:{'+' if signed else ''}.2f}"
+
+
+def _settings(p: Params) -> dict:
+    """The settings the report's numbers come from, per IPC where they differ by IPC."""
+    return {"data": asdict(p.data), "zca": asdict(p.zca), "net": asdict(p.net),
+            "augment": asdict(p.augment), "buffers": asdict(p.buffers),
+            "distill": {ipc: asdict(p.distill(ipc)) for ipc in p.ipcs},
+            "evaluate": {ipc: asdict(p.evaluation(ipc)) for ipc in p.ipcs}}
+
+
+def _markdown(rows: list[dict], grids: list[Path], p: Params, classes: list[str],
+              commit: str) -> str:
+    """The report: where each IPC stands against the full set, under which recipe, and what
+    the sets look like; with the commit and settings it was made from."""
     lines = ["# datm summary", "",
              f"Dataset `{p.data.name}`, network {p.evaluate.arch} (width {p.net.width}, depth "
-             f"{p.net.depth}), {p.evaluate.models} fresh models x {p.evaluate.epochs} epochs per "
-             "set; mean ± std test accuracy (%).", "",
+             f"{p.net.depth}); mean ± std test accuracy (%) of fresh networks; git commit "
+             f"`{commit}`. Gap: distilled minus full dataset (lossless at >= 0).", "",
              "![accuracy vs IPC](accuracy_vs_ipc.png)", "",
-             "| IPC | distilled | random real | full dataset | final matching loss |",
-             "|---:|---:|---:|---:|---:|"]
+             "| IPC | share of the training set (%) | distilled | random real | full dataset "
+             "| gap | evaluation: models x epochs (SGD steps each) | final matching loss |",
+             "|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
-        lines.append(f"| {r['ipc']} | {100 * r['distilled']:.2f} ± "
-                     f"{100 * r['distilled_std']:.2f} | {100 * r['random_real']:.2f} ± "
-                     f"{100 * r['random_real_std']:.2f} | "
-                     f"{'' if full is None else f'{100 * full:.2f}'} | {r['matching_loss']:.4f} |")
-    lines += ["", "## Distilled images (one row per class, de-whitened)", ""]
-    for grid in grids:
-        lines += [f"### {grid.stem.replace('grid_ipc_', 'IPC ')}", "", f"![{grid.stem}]({grid.name})", ""]
+        cfg = p.evaluation(r["ipc"])
+        steps = cfg.epochs * -(-r["ipc"] * len(classes) // cfg.batch)
+        lines.append(
+            f"| {r['ipc']} | {_pct(r.get('train_fraction'))} | {_pct(r['distilled'])} ± "
+            f"{_pct(r['distilled_std'])} | {_pct(r['random_real'])} ± "
+            f"{_pct(r['random_real_std'])} | {_pct(r.get('full_dataset'))} | "
+            f"{_pct(r.get('gap_to_full'), signed=True)} | {cfg.models} x {cfg.epochs} ({steps}) "
+            f"| {r['matching_loss']:.4f} |")
+    lines += ["", "## Distilled images (de-whitened)", "",
+              "One row per class, top to bottom: " + ", ".join(classes) + ".", ""]
+    for grid, ipc in zip(grids, p.ipcs):
+        shown = min(ipc, GRID_PER_CLASS)
+        note = f" (the first {shown} of {ipc} images per class)" if shown < ipc else ""
+        lines += [f"### IPC {ipc}{note}", "", f"![{grid.stem}]({grid.name})", ""]
+    lines += ["## Settings", "", "```json", json.dumps(_settings(p), indent=1), "```", ""]
     return "\n".join(lines)
 
 
@@ -109,7 +134,8 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
         _write_csv(pa.metrics / "plots" / "accuracy.csv", table)
         report = pa.reports / "summary.md"
         with artifacts.atomic_path(report) as tmp:
-            tmp.write_text(_markdown(rows, grids, p))
+            classes = load_distilled(pa.distilled(p.ipcs[0]))[1]["classes"]
+            tmp.write_text(_markdown(rows, grids, p, classes, git_commit(root)))
         tracker.artifact(report)
     common.console.print(f"[green]summary:[/] {report}")
     return {"accuracy": table, "report": str(report)}

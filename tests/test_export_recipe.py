@@ -230,7 +230,7 @@ def test_the_snippets_network_is_datms(made, shape, norm):
 
     raw = tiny_raw()
     raw["net"].update(norm=norm, depth=3)
-    net = _recipe(Params.from_dict(raw), shape, 10, 0.01)["network"]
+    net = _recipe(Params.from_dict(raw), 2, shape, 10, 0.01)["network"]
     if shape == (1, 28, 28):
         assert net["first_conv_padding"] == 3 and "first padded 3" in net["description"]
     snippet = snippet_of(made[2]["safetensors"])

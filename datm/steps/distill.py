@@ -33,11 +33,12 @@ def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
     selection = None
     if cfg.select_every:
         # Validation images from the TRAINING split; the test split is never handed over.
+        recipe = params.evaluation(ipc)  # the recipe evaluate@<ipc> will judge the set by
         val = evaluate.validation_subset(md.y, cfg.select_val_per_class, len(md.classes),
-                                         params.evaluate.seed)
-        spec = evaluate.arch_spec(md.spec(params), params.evaluate.arch)
-        selection = Selection(spec, params.evaluate, params.augment, md.x[val], md.y[val])
-        inputs += [asdict(params.evaluate), selection.spec.to_dict()]  # they change the choice
+                                         recipe.seed)
+        spec = evaluate.arch_spec(md.spec(params), recipe.arch)
+        selection = Selection(spec, recipe, params.augment, md.x[val], md.y[val])
+        inputs += [asdict(recipe), selection.spec.to_dict()]  # they change the choice
     identity = cfg.digest(json.dumps(inputs))
     state = None if fresh else Distiller.resume(paths.checkpoint(ipc), cfg, buffer,
                                                 params.augment, identity, device, selection)

@@ -46,9 +46,10 @@ def fullset(params: Params, paths: Paths, callback: Callback = quiet) -> dict:
     # per epoch); on the whole training set it would mean thousands of tiny steps per epoch.
     full_cfg = replace(cfg, batch=cfg.fullset_batch)
     spec = evaluate.arch_spec(md.spec(params), cfg.arch)
+    # test_every 1: the accuracy curve (MLflow) that shows whether fullset_epochs converge
     result = evaluate.evaluate_set(spec, md.x, md.y, cfg.fullset_lr, cfg.fullset_epochs,
                                    cfg.fullset_models, full_cfg, params.augment, md.x_test,
-                                   md.y_test, cfg.seed + 17, callback)
+                                   md.y_test, cfg.seed + 17, callback, test_every=1)
     summary = {"full_dataset": result["mean"],
                "runs": runs("full dataset", result, cfg.fullset_lr, cfg.fullset_epochs, full_cfg)}
     write_json(paths.fullset, summary)  # evaluate@N depends on it: no wall times inside
@@ -63,7 +64,7 @@ def _protocol(params: Params, md: ModelData, ipc: int) -> str:
     """What a random real baseline is a function of: the data (by content), the recipe's
     settings the baseline uses, the IPC and the code. A baseline file of another protocol is
     not used (e.g. `datm evaluate` by hand after a settings change)."""
-    cfg = params.evaluate
+    cfg = params.evaluation(ipc)
     recipe = {"ipc": ipc, "data": md.identity, "net": asdict(params.net),
               "augment": asdict(params.augment), "device": str(md.x.device),
               **{k: getattr(cfg, k) for k in ("arch", "models", "epochs", "batch", "momentum",
@@ -74,7 +75,7 @@ def _protocol(params: Params, md: ModelData, ipc: int) -> str:
 
 def _random_real(params: Params, md: ModelData, ipc: int, callback: Callback) -> dict:
     """`evaluate.models` fresh networks on a random real subset of `ipc` images per class."""
-    cfg = params.evaluate
+    cfg = params.evaluation(ipc)
     spec = evaluate.arch_spec(md.spec(params), cfg.arch)
     callback({"event": "set", "name": "random real", "models": cfg.models})
     idx = evaluate.random_subset(md.y, ipc, len(md.classes), cfg.seed + ipc)
@@ -113,8 +114,7 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
     The random real subset's accuracy comes from baseline@<ipc>'s file when it holds the
     current protocol; otherwise it is trained here (and not written: that is baseline's file).
     """
-    cfg = params.evaluate
-    params.distill(ipc)  # a clear error for an IPC that is not configured
+    cfg = params.evaluation(ipc)  # also a clear error for an IPC that is not configured
     md = model_data(paths, params.torch_device())
     tensors, meta = load_distilled(paths.distilled(ipc))
     check_finite(paths.distilled(ipc), images=tensors["images"], labels=tensors["labels"],
@@ -127,10 +127,14 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
                                  cfg, params.augment, md.x_test, md.y_test, cfg.seed, callback)
     rand = _stored_baseline(params, paths, md, ipc) or _random_real(params, md, ipc, callback)
     full = json.loads(paths.fullset.read_text()) if paths.fullset.is_file() else {}
+    full_acc = full.get("full_dataset")
     # One row per IPC in `dvc metrics show`: the accuracies as scalars, details in "runs".
+    # Where lossless stands: the gap to the full set, and the share of the training set used.
     summary = {"ipc": ipc, "distilled": dist["mean"], "distilled_std": dist["std"],
                "random_real": rand["random_real"], "random_real_std": rand["random_real_std"],
-               "full_dataset": full.get("full_dataset"),
+               "full_dataset": full_acc,
+               "gap_to_full": None if full_acc is None else dist["mean"] - full_acc,
+               "train_fraction": tensors["images"].shape[0] / md.x.shape[0],
                "matching_loss": meta["summary"]["final_loss"],
                "runs": runs("distilled", dist, lr, cfg.epochs, cfg) + rand["runs"]}
     write_json(paths.evaluation(ipc), summary)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import artifacts, data, evaluate
-from ..config import Params, Paths
+from ..config import EvalConfig, Params, Paths
 from ..events import Callback
 from ..export import ZCA_FILE, ExportError, export, read
 from ..networks import first_conv_padding
@@ -38,7 +38,7 @@ def export_ipc(params: Params, paths: Paths, ipc: int, fmt: str, out: Path, forc
     pixels = distilled_pixels(paths, tensors, meta)
     zca = ZCA.load(paths.zca) if meta.get("zca") else ZCA()
     learned = float(tensors["lr"][0])
-    recipe = _recipe(params, pixels.shape[1:], len(meta["classes"]), learned)
+    recipe = _recipe(params, ipc, pixels.shape[1:], len(meta["classes"]), learned)
     card = {"dataset": meta.get("dataset") or params.data.name, "ipc": ipc,
             "settings": meta.get("settings"), "spec": meta.get("spec"), "git_commit": git_commit,
             "zca": meta.get("zca"), "mean": meta["mean"], "std": meta["std"],
@@ -57,9 +57,10 @@ def _preprocessing(paths: Paths, meta: dict) -> dict:
             "formula": "(x - mean[c]) / std[c] per channel, x in [0, 1]"}
 
 
-def _recipe(params: Params, shape: torch.Size, num_classes: int, learned: float) -> dict:
+def _recipe(params: Params, ipc: int, shape: torch.Size, num_classes: int,
+            learned: float) -> dict:
     """The evaluation protocol of evaluate@IPC (datm/evaluate.py's train_and_test) as data."""
-    cfg, aug = params.evaluate, params.augment
+    cfg, aug = _recipe_of(params, ipc), params.augment
     spec = evaluate.arch_spec(net_spec(params, tuple(shape), num_classes), cfg.arch)
     net = {**spec.to_dict(), "first_conv_padding": first_conv_padding(spec)}
     if spec.model == "convnet":
@@ -112,6 +113,12 @@ def _accuracy_for_card(paths: Paths, ipc: int, recipe: dict) -> dict:
     return acc
 
 
+def _recipe_of(params: Params, ipc: int | None) -> EvalConfig:
+    """The evaluation recipe of an IPC the profile distills (evaluate.ipc.<ipc> overlaid);
+    the `evaluate` section for a set of another size."""
+    return params.evaluation(ipc) if ipc in params.ipcs else params.evaluate
+
+
 def evaluate_export(params: Params, paths: Paths, folder: Path,
                     callback: Callback = quiet) -> dict:
     """Evaluate an exported set (ours or someone's) with the pipeline's protocol."""
@@ -124,7 +131,7 @@ def evaluate_export(params: Params, paths: Paths, folder: Path,
                           f"{list(md.x.shape[1:])} with {len(md.classes)} classes")
     # Back to model space by the very function that made the pipeline's data.
     x = data.to_model_space(pixels * 255, md.mean, md.std, md.zca).to(md.x.device)
-    cfg = params.evaluate
+    cfg = _recipe_of(params, card.get("ipc"))
     lr = evaluate.distilled_lr(cfg, lr)
     spec = evaluate.arch_spec(md.spec(params), cfg.arch)
     result = evaluate.evaluate_set(spec, x, logits.to(x.device), lr, cfg.epochs, cfg.models, cfg,

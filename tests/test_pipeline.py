@@ -240,9 +240,15 @@ def test_dvc_metrics_show_one_narrow_row_per_ipc(e2e):
     for row in per_ipc.values():
         assert {"distilled", "distilled_std", "random_real", "random_real_std",
                 "full_dataset"} <= set(row)
-    # every scalar is a column of the table: keep their union small enough to read
+    # every scalar is a column of the table: exactly these, where lossless stands included (the
+    # gap to the full set and the share of the training set); per-model details stay in lists
     columns = {k for row in rows.values() for k, v in row.items() if not isinstance(v, list)}
-    assert len(columns) <= 9, sorted(columns)
+    assert columns == {"ipc", "distilled", "distilled_std", "random_real", "random_real_std",
+                       "full_dataset", "gap_to_full", "train_fraction", "matching_loss",
+                       "expert_acc"}, sorted(columns)
+    for row in per_ipc.values():
+        assert row["gap_to_full"] == pytest.approx(row["distilled"] - row["full_dataset"])
+        assert row["train_fraction"] == pytest.approx(10 * row["ipc"] / e2e.n_train)
 
 
 def _status(project: Project) -> dict:

@@ -56,7 +56,7 @@ def run_baseline(ipc: int, params: str = "params.yaml", root: str = ".") -> dict
             common.progress_bar() as bar:
         tracker.params({**common.settings(p, ipc), "ipc": ipc})
         tracker.tags({"ipc": str(ipc)})
-        task = bar.add_task(f"random real ipc {ipc}", total=p.evaluate.epochs, info="")
+        task = bar.add_task(f"random real ipc {ipc}", total=p.evaluation(ipc).epochs, info="")
         summary = baseline_ipc(p, pa, ipc, progress_events(tracker, bar, task, "random real"))
         tracker.metrics({"random_real": summary["random_real"],
                          "random_real_std": summary["random_real_std"]}, 0)
@@ -72,7 +72,7 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".") -> dict:
             common.progress_bar() as bar:
         tracker.params({**common.settings(p, ipc), "ipc": ipc})
         tracker.tags({"ipc": str(ipc)})
-        task = bar.add_task(f"evaluate ipc {ipc}", total=p.evaluate.epochs, info="")
+        task = bar.add_task(f"evaluate ipc {ipc}", total=p.evaluation(ipc).epochs, info="")
         summary = evaluate_ipc(p, pa, ipc, progress_events(tracker, bar, task, ""))
         tracker.metrics({k: v for k, v in summary.items()
                          if isinstance(v, (int, float)) and v is not None}, 0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from datm import artifacts
@@ -68,14 +67,6 @@ def _pct(value: float | None, signed: bool = False) -> str:
     return "" if value is None else f"{100 * value:{'+' if signed else ''}.2f}"
 
 
-def _settings(p: Params) -> dict:
-    """The settings the report's numbers come from, per IPC where they differ by IPC."""
-    return {"data": asdict(p.data), "zca": asdict(p.zca), "net": asdict(p.net),
-            "augment": asdict(p.augment), "buffers": asdict(p.buffers),
-            "distill": {ipc: asdict(p.distill(ipc)) for ipc in p.ipcs},
-            "evaluate": {ipc: asdict(p.evaluation(ipc)) for ipc in p.ipcs}}
-
-
 def _markdown(rows: list[dict], grids: list[Path], p: Params, classes: list[str],
               commit: str) -> str:
     """The report: where each IPC stands against the full set, under which recipe, and what
@@ -103,7 +94,7 @@ def _markdown(rows: list[dict], grids: list[Path], p: Params, classes: list[str]
         shown = min(ipc, GRID_PER_CLASS)
         note = f" (the first {shown} of {ipc} images per class)" if shown < ipc else ""
         lines += [f"### IPC {ipc}{note}", "", f"![{grid.stem}]({grid.name})", ""]
-    lines += ["## Settings", "", "```json", json.dumps(_settings(p), indent=1), "```", ""]
+    lines += ["## Settings", "", "```json", json.dumps(common.settings(p), indent=1), "```", ""]
     return "\n".join(lines)
 
 

@@ -170,6 +170,9 @@ class EvalConfig:
     lr_scale: float = 1.0         # multiplies the learned lr; 1 is the paper's protocol
     random_lr: float = 0.01       # lr of the random-real-subset baseline
     arch: str = "convnet"
+    # Other architectures each distilled set (and a random real subset, same recipe) is also
+    # evaluated on: the cross-architecture table (crossarch@<ipc>); empty: none.
+    cross_archs: tuple[str, ...] = ()
     augment: bool = True
     fullset_epochs: int = 30
     fullset_lr: float = 0.01
@@ -178,8 +181,9 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got '{self.arch}'")
+        for arch in (self.arch, *self.cross_archs):
+            if arch not in ARCHS:
+                raise ValueError(f"arch must be one of {ARCHS}, got '{arch}'")
         if min(self.models, self.epochs, self.batch, self.fullset_batch) < 1:
             raise ValueError("models, epochs, batch and fullset_batch must be >= 1")
 
@@ -272,6 +276,9 @@ class Paths:
     def evaluation(self, ipc: int) -> Path:
         return self.root / "metrics" / "evaluate" / f"ipc_{ipc}.json"
 
+    def crossarch(self, ipc: int) -> Path:
+        return self.root / "metrics" / "crossarch" / f"ipc_{ipc}.json"
+
     @property
     def metrics(self) -> Path:
         return self.root / "metrics"
@@ -303,8 +310,11 @@ def _typed(value: Any, kind: Any, key: str) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
-    names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o))
-                        for o in options)
+        if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
+            (item,) = {a for a in typing.get_args(option) if a is not Ellipsis}
+            return tuple(_typed(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    names = " or ".join("null" if o is type(None) else "a list" if typing.get_origin(o) is tuple
+                        else getattr(o, "__name__", str(o)) for o in options)
     if isinstance(value, str) and float in options:
         try:  # YAML reads 1e-5 (no dot) as a string: accept it when it is a plain number
             return _typed(float(value), kind, key)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .steps.buffers import buffer_status, buffers
 from .steps.distill import distill
 from .steps.download import download
-from .steps.evaluate import check_finite, evaluate_ipc, fullset
+from .steps.evaluate import baseline_ipc, check_finite, crossarch_ipc, evaluate_ipc, fullset
 from .steps.export import evaluate_export, export_ipc
 from .steps.project import (
     VOLATILE,
@@ -24,7 +24,8 @@ from .steps.project import (
 )
 from .steps.zca import fit_zca
 
-__all__ = ["VOLATILE", "ModelData", "buffer_status", "buffers", "check_finite", "data_identity",
+__all__ = ["VOLATILE", "ModelData", "baseline_ipc", "buffer_status", "buffers", "check_finite",
+           "crossarch_ipc", "data_identity",
            "distill", "distilled_ipcs", "distilled_pixels", "download", "evaluate_export",
            "evaluate_ipc", "export_ipc", "fit_zca", "fullset", "load_distilled", "model_data",
            "settled", "write_json"]

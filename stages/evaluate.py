@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from datm.steps.evaluate import baseline_ipc, evaluate_ipc, fullset
+from datm.steps.evaluate import baseline_ipc, crossarch_ipc, evaluate_ipc, fullset
 from datm.tracking import Tracker
 from stages import common
 
@@ -88,16 +88,42 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".") -> dict:
     return summary
 
 
+def run_crossarch(ipc: int, params: str = "params.yaml", root: str = ".") -> dict:
+    p, pa = common.load(params), common.paths(root)
+    cfg = p.evaluation(ipc)
+    with common.tracker("crossarch", p, root, f"crossarch@{ipc}") as tracker, \
+            common.progress_bar() as bar:
+        tracker.params({**common.settings(p, ipc), "ipc": ipc})
+        tracker.tags({"ipc": str(ipc)})
+        task = bar.add_task(f"cross-architecture ipc {ipc}", total=cfg.epochs, info="")
+        summary = crossarch_ipc(p, pa, ipc, progress_events(tracker, bar, task, ""))
+        for row in summary["archs"]:
+            tracker.metrics({f"{row['arch']}.distilled": row["distilled"],
+                             f"{row['arch']}.random_real": row["random_real"]}, 0)
+            tracker.pipeline_metrics({f"acc.{row['arch']}.distilled.ipc{ipc}": row["distilled"]})
+    for row in summary["archs"]:
+        common.console.print(f"[green]crossarch ipc {ipc} {row['arch']}:[/] distilled "
+                             f"{row['distilled']:.4f} ± {row['distilled_std']:.4f}, random real "
+                             f"{row['random_real']:.4f} ± {row['random_real_std']:.4f}")
+    if not summary["archs"]:
+        common.console.print(f"crossarch ipc {ipc}: evaluate.cross_archs is empty, nothing to do")
+    return summary
+
+
 if __name__ == "__main__":
     args = common.parse(__doc__, lambda a: (a.add_argument("--ipc", type=int),
                                             a.add_argument("--baseline", type=int, metavar="N"),
+                                            a.add_argument("--crossarch", type=int, metavar="N"),
                                             a.add_argument("--fullset", action="store_true")))
     if args.fullset:
         common.main(lambda: run_fullset(args.params, args.root))
     elif args.baseline is not None:
         common.main(lambda: run_baseline(args.baseline, args.params, args.root))
+    elif args.crossarch is not None:
+        common.main(lambda: run_crossarch(args.crossarch, args.params, args.root))
     elif args.ipc is None:
-        common.console.print("[bold red]error:[/] pass --ipc N, --baseline N or --fullset")
+        common.console.print("[bold red]error:[/] pass --ipc N, --baseline N, --crossarch N or "
+                             "--fullset")
         raise SystemExit(2)
     else:
         common.main(lambda: run(args.ipc, args.params, args.root))

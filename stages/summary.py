@@ -67,8 +67,23 @@ def _pct(value: float | None, signed: bool = False) -> str:
     return "" if value is None else f"{100 * value:{'+' if signed else ''}.2f}"
 
 
+def _crossarch_table(rows: list[dict], cross: dict[int, list[dict]], arch: str) -> list[str]:
+    """Each set on the architecture it was evaluated with and on the others (crossarch@N)."""
+    if not any(cross.values()):
+        return []
+    lines = ["## Cross-architecture", "", "The distilled set and a random real subset of the "
+             "same size, trained with the IPC's recipe on each architecture.", "",
+             "| IPC | architecture | distilled | random real |", "|---:|---|---:|---:|"]
+    for r in rows:
+        for row in [{**r, "arch": arch}, *cross.get(r["ipc"], [])]:
+            lines.append(f"| {r['ipc']} | {row['arch']} | {_pct(row['distilled'])} ± "
+                         f"{_pct(row['distilled_std'])} | {_pct(row['random_real'])} ± "
+                         f"{_pct(row['random_real_std'])} |")
+    return lines + [""]
+
+
 def _markdown(rows: list[dict], grids: list[Path], p: Params, classes: list[str],
-              commit: str) -> str:
+              commit: str, cross: dict[int, list[dict]]) -> str:
     """The report: where each IPC stands against the full set, under which recipe, and what
     the sets look like; with the commit and settings it was made from."""
     lines = ["# datm summary", "",
@@ -88,7 +103,8 @@ def _markdown(rows: list[dict], grids: list[Path], p: Params, classes: list[str]
             f"{_pct(r['random_real_std'])} | {_pct(r.get('full_dataset'))} | "
             f"{_pct(r.get('gap_to_full'), signed=True)} | {cfg.models} x {cfg.epochs} ({steps}) "
             f"| {r['matching_loss']:.4f} |")
-    lines += ["", "## Distilled images (de-whitened)", "",
+    lines += ["", *_crossarch_table(rows, cross, p.evaluate.arch), "## Distilled images "
+              "(de-whitened)", "",
               "One row per class, top to bottom: " + ", ".join(classes) + ".", ""]
     for grid, ipc in zip(grids, p.ipcs):
         shown = min(ipc, GRID_PER_CLASS)
@@ -126,7 +142,9 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
         report = pa.reports / "summary.md"
         with artifacts.atomic_path(report) as tmp:
             classes = load_distilled(pa.distilled(p.ipcs[0]))[1]["classes"]
-            tmp.write_text(_markdown(rows, grids, p, classes, git_commit(root)))
+            cross = {ipc: json.loads(path.read_text())["archs"] for ipc in p.ipcs
+                     if (path := pa.crossarch(ipc)).is_file()}
+            tmp.write_text(_markdown(rows, grids, p, classes, git_commit(root), cross))
         tracker.artifact(report)
     common.console.print(f"[green]summary:[/] {report}")
     return {"accuracy": table, "report": str(report)}

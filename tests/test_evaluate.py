@@ -388,3 +388,29 @@ def test_test_every_reports_an_accuracy_curve(blobs):
     evaluate.train_and_test(SPEC, x, y, 0.01, 5, EvalConfig(batch=16), AUG, xt, yt, seed=0,
                             callback=events.append)
     assert not [e for e in events if e["event"] == "test"]
+
+
+def test_crossarch_evaluates_the_set_and_a_random_subset_on_each_other_arch(tmp_path):
+    from test_steps import tiny_raw, write_splits
+
+    from datm import pipeline
+    from datm.config import Params, Paths
+
+    paths = Paths(tmp_path)
+    write_splits(paths)
+    raw = tiny_raw()
+    params = Params.from_dict(raw)
+    pipeline.fit_zca(params, paths)
+    pipeline.buffers(params, paths)
+    pipeline.distill(params, paths, 1)
+    none = pipeline.crossarch_ipc(params, paths, 1)
+    assert none["archs"] == [] and paths.crossarch(1).is_file()  # the stage's output exists
+    raw["evaluate"]["cross_archs"] = ["convnet_bn"]
+    params = Params.from_dict(raw)
+    result = pipeline.crossarch_ipc(params, paths, 1)
+    (row,) = result["archs"]
+    assert row["arch"] == "convnet_bn" and 0 <= row["distilled"] <= 1
+    assert {r["arch"] for r in row["runs"]} == {"convnet_bn"}
+    m = params.evaluate.models
+    assert [r["set"] for r in row["runs"]] == ["distilled"] * m + ["random real"] * m
+    assert "seconds" not in paths.crossarch(1).read_text()

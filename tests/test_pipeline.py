@@ -21,7 +21,8 @@ import yaml
 from helpers import DVC, REPO, datm, describe, ran_stages
 
 ALL_STAGES = {"download", "zca", "buffers", "fullset", "baseline@1", "baseline@2", "distill@1",
-              "distill@2", "evaluate@1", "evaluate@2", "summary"}
+              "distill@2", "evaluate@1", "evaluate@2", "crossarch@1", "crossarch@2", "summary"}
+CROSSARCH = {"crossarch@1", "crossarch@2"}  # they read the whole `evaluate` section
 
 
 # --- static checks (fast) ------------------------------------------------------------------------
@@ -83,7 +84,8 @@ def test_dvc_accepts_the_pipeline(tmp_path):
     listed = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
     shipped = helpers.shipped_params()["distill"]["ipcs"]
     expected = {"download", "zca", "buffers", "fullset", "summary"}
-    expected |= {f"{s}@{ipc}" for s in ("baseline", "distill", "evaluate") for ipc in shipped}
+    expected |= {f"{s}@{ipc}" for s in ("baseline", "distill", "evaluate", "crossarch")
+                 for ipc in shipped}
     assert listed == expected
 
 
@@ -270,14 +272,15 @@ def test_dvc_status_sees_exactly_the_changed_stage(e2e):
                               # summary's report states the evaluation epochs; the random real
                               # baselines train by the same recipe
                               (("evaluate", "epochs"), {"baseline@1", "baseline@2", "evaluate@1",
-                                                        "evaluate@2", "summary"}),
+                                                        "evaluate@2", "summary", *CROSSARCH}),
                               # the small sets' batch: not the full-set run's (distill@N: the
                               # recipe of its optional validation selection)
                               (("evaluate", "batch"), {"baseline@1", "baseline@2", "distill@1",
-                                                       "distill@2", "evaluate@1", "evaluate@2"}),
+                                                       "distill@2", "evaluate@1", "evaluate@2",
+                                                       *CROSSARCH}),
                               # evaluate@N reads the `evaluate` section (and fullset.json)
                               (("evaluate", "fullset_batch"),
-                               {"fullset", "evaluate@1", "evaluate@2"})):
+                               {"fullset", "evaluate@1", "evaluate@2", *CROSSARCH})):
             params = e2e.params()
             node = params
             for key in change[:-1]:
@@ -316,7 +319,8 @@ def test_changing_one_ipc_reruns_only_that_ipc(e2e):
     e2e.set_params(params)
     result = e2e.repro()
     assert result.returncode == 0, describe(result)
-    assert ran_stages(result.stdout) == {"distill@2", "evaluate@2", "summary"}, result.stdout
+    assert ran_stages(result.stdout) == {"distill@2", "evaluate@2", "crossarch@2", "summary"}, \
+        result.stdout
     from datm import artifacts
 
     meta = artifacts.read_meta(e2e.root / "artifacts/distilled/ipc_2.safetensors", "distilled")
@@ -336,7 +340,7 @@ def test_changing_buffers_lr_reruns_buffers_and_what_follows(e2e):
     result = e2e.repro()
     assert result.returncode == 0, describe(result)
     assert ran_stages(result.stdout) == {"buffers", "distill@1", "distill@2", "evaluate@1",
-                                         "evaluate@2", "summary"}, result.stdout
+                                         "evaluate@2", "summary", *CROSSARCH}, result.stdout
     experts = sorted((e2e.root / "artifacts/buffers").glob("expert_*.safetensors"))
     assert len(experts) == 2
     for path in experts:

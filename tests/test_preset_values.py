@@ -82,6 +82,7 @@ def test_experts_network_and_evaluation_are_the_references(name):
     # 5 models x 1000 epochs at the learned lr, batch 128 (batch_train in every config)
     assert (e.models, e.epochs, e.batch, e.momentum, e.weight_decay, e.lr, e.lr_scale,
             e.arch, e.augment) == (5, 1000, 128, 0.9, 5e-4, 0.0, 1.0, "convnet", True)
+    assert e.cross_archs == ("convnet_bn", "resnet18")  # the cross-architecture table
 
 
 def test_every_ipc_window_fits_the_experts_it_reads():

@@ -1,5 +1,5 @@
-"""Steps fullset, baseline@<ipc> and evaluate@<ipc>: accuracy of fresh networks trained on
-each set.
+"""Steps fullset, baseline@<ipc>, evaluate@<ipc> and crossarch@<ipc>: accuracy of fresh
+networks trained on each set.
 
 The random real baseline of an IPC depends on the evaluation recipe and the data, never on the
 distilled set: baseline@<ipc> computes it once into metrics/baseline/ipc_<ipc>.json, and
@@ -106,6 +106,41 @@ def _stored_baseline(params: Params, paths: Paths, md: ModelData, ipc: int) -> d
     if not isinstance(stored, dict) or stored.get("protocol") != _protocol(params, md, ipc):
         return None
     return {**stored, "seconds": 0.0}
+
+
+def crossarch_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = quiet) -> dict:
+    """The distilled set and a random real subset of the same size, each trained on every
+    architecture of `evaluate.cross_archs` with the IPC's recipe -> metrics/crossarch/ipc_N.json
+    (the cross-architecture table of the summary; empty when no other architecture is asked)."""
+    cfg = params.evaluation(ipc)
+    md = model_data(paths, params.torch_device()) if cfg.cross_archs else None
+    rows, seconds = [], 0.0
+    if md is not None:
+        tensors, _ = load_distilled(paths.distilled(ipc))
+        check_finite(paths.distilled(ipc), images=tensors["images"], labels=tensors["labels"],
+                     lr=tensors["lr"])
+        x, labels = tensors["images"].to(md.x.device), tensors["labels"].to(md.x.device)
+        lr = evaluate.distilled_lr(cfg, float(tensors["lr"][0]))
+        idx = evaluate.random_subset(md.y, ipc, len(md.classes), cfg.seed + ipc)
+        for arch in cfg.cross_archs:
+            spec = evaluate.arch_spec(md.spec(params), arch)
+            arch_cfg = replace(cfg, arch=arch)
+            callback({"event": "set", "name": f"distilled on {arch}", "models": cfg.models})
+            dist = evaluate.evaluate_set(spec, x, labels, lr, cfg.epochs, cfg.models, arch_cfg,
+                                         params.augment, md.x_test, md.y_test, cfg.seed, callback)
+            callback({"event": "set", "name": f"random real on {arch}", "models": cfg.models})
+            rand = evaluate.evaluate_set(spec, md.x[idx], md.y[idx], cfg.random_lr, cfg.epochs,
+                                         cfg.models, arch_cfg, params.augment, md.x_test,
+                                         md.y_test, cfg.seed + 1, callback)
+            seconds += sum(dist["seconds"]) + sum(rand["seconds"])
+            rows.append({"arch": arch, "distilled": dist["mean"], "distilled_std": dist["std"],
+                         "random_real": rand["mean"], "random_real_std": rand["std"],
+                         "runs": runs("distilled", dist, lr, cfg.epochs, arch_cfg)
+                         + runs("random real", rand, cfg.random_lr, cfg.epochs, arch_cfg)})
+    # a list, not scalars: `dvc metrics show` keeps one row per IPC from evaluate@<ipc>
+    summary = {"ipc": ipc, "archs": rows}
+    write_json(paths.crossarch(ipc), summary)
+    return {**summary, "seconds": seconds}
 
 
 def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = quiet) -> dict:

@@ -239,12 +239,9 @@ def test_a_corrupt_image_is_named(tmp_path):
 
 
 def test_a_distilled_set_with_nan_is_not_evaluated(tmp_path):
-    paths = Paths(tmp_path)
-    write_splits(paths)
     raw = tiny_raw()
+    paths = helpers.tiny_project(tmp_path, raw)
     params = Params.from_dict(raw)
-    pipeline.fit_zca(params, paths)
-    pipeline.buffers(params, paths)
     pipeline.distill(params, paths, 1)
     tensors, meta = pipeline.load_distilled(paths.distilled(1))
     tensors["images"][0, 0, 0, 0] = float("nan")
@@ -346,11 +343,8 @@ def test_source_digest_ignores_comments_docstrings_and_layout():
 def test_experts_made_by_other_code_are_retrained(tmp_path, monkeypatch):
     from datm import provenance
 
-    paths = Paths(tmp_path)
-    write_splits(paths)
+    paths = helpers.tiny_project(tmp_path, tiny_raw())
     params = Params.from_dict(tiny_raw())
-    pipeline.fit_zca(params, paths)
-    pipeline.buffers(params, paths)
     real = provenance._module_digest
     monkeypatch.setattr(provenance, "_module_digest",
                         lambda name: "changed" if name == "datm.flat_minimum" else real(name))
@@ -362,11 +356,8 @@ def test_experts_made_by_other_code_are_retrained(tmp_path, monkeypatch):
 def test_a_checkpoint_made_by_other_code_is_not_resumed(tmp_path, monkeypatch):
     from datm import provenance
 
-    paths = Paths(tmp_path)
-    write_splits(paths)
+    paths = helpers.tiny_project(tmp_path, tiny_raw())
     params = Params.from_dict(tiny_raw())
-    pipeline.fit_zca(params, paths)
-    pipeline.buffers(params, paths)
     pipeline.distill(params, paths, 1)
     assert pipeline.distill(params, paths, 1)["resumed_at"] == 3
     real = provenance._module_digest

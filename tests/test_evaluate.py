@@ -391,17 +391,11 @@ def test_test_every_reports_an_accuracy_curve(blobs):
 
 
 def test_crossarch_evaluates_the_set_and_a_random_subset_on_each_other_arch(tmp_path):
-    from test_steps import tiny_raw, write_splits
+    from test_steps import tiny_raw
 
-    from datm import pipeline
-    from datm.config import Params, Paths
-
-    paths = Paths(tmp_path)
-    write_splits(paths)
     raw = tiny_raw()
+    paths = helpers.tiny_project(tmp_path, raw)
     params = Params.from_dict(raw)
-    pipeline.fit_zca(params, paths)
-    pipeline.buffers(params, paths)
     pipeline.distill(params, paths, 1)
     none = pipeline.crossarch_ipc(params, paths, 1)
     assert none["archs"] == [] and paths.crossarch(1).is_file()  # the stage's output exists

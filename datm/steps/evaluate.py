@@ -73,11 +73,15 @@ def _protocol(params: Params, md: ModelData, ipc: int) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _random_real(params: Params, md: ModelData, ipc: int, callback: Callback) -> dict:
-    """`evaluate.models` fresh networks on a random real subset of `ipc` images per class."""
+def _random_real(params: Params, md: ModelData, ipc: int, callback: Callback,
+                 arch: str | None = None) -> dict:
+    """`evaluate.models` fresh networks on a random real subset of `ipc` images per class, on
+    the IPC's architecture or on `arch` (the cross-architecture table)."""
     cfg = params.evaluation(ipc)
+    cfg = replace(cfg, arch=arch or cfg.arch)
     spec = evaluate.arch_spec(md.spec(params), cfg.arch)
-    callback({"event": "set", "name": "random real", "models": cfg.models})
+    name = "random real" if arch is None else f"random real on {arch}"
+    callback({"event": "set", "name": name, "models": cfg.models})
     idx = evaluate.random_subset(md.y, ipc, len(md.classes), cfg.seed + ipc)
     rand = evaluate.evaluate_set(spec, md.x[idx], md.y[idx], cfg.random_lr, cfg.epochs,
                                  cfg.models, cfg, params.augment, md.x_test, md.y_test,
@@ -121,22 +125,18 @@ def crossarch_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = q
                      lr=tensors["lr"])
         x, labels = tensors["images"].to(md.x.device), tensors["labels"].to(md.x.device)
         lr = evaluate.distilled_lr(cfg, float(tensors["lr"][0]))
-        idx = evaluate.random_subset(md.y, ipc, len(md.classes), cfg.seed + ipc)
         for arch in cfg.cross_archs:
             spec = evaluate.arch_spec(md.spec(params), arch)
             arch_cfg = replace(cfg, arch=arch)
             callback({"event": "set", "name": f"distilled on {arch}", "models": cfg.models})
             dist = evaluate.evaluate_set(spec, x, labels, lr, cfg.epochs, cfg.models, arch_cfg,
                                          params.augment, md.x_test, md.y_test, cfg.seed, callback)
-            callback({"event": "set", "name": f"random real on {arch}", "models": cfg.models})
-            rand = evaluate.evaluate_set(spec, md.x[idx], md.y[idx], cfg.random_lr, cfg.epochs,
-                                         cfg.models, arch_cfg, params.augment, md.x_test,
-                                         md.y_test, cfg.seed + 1, callback)
-            seconds += sum(dist["seconds"]) + sum(rand["seconds"])
+            rand = _random_real(params, md, ipc, callback, arch)
+            seconds += sum(dist["seconds"]) + rand["seconds"]
             rows.append({"arch": arch, "distilled": dist["mean"], "distilled_std": dist["std"],
-                         "random_real": rand["mean"], "random_real_std": rand["std"],
-                         "runs": runs("distilled", dist, lr, cfg.epochs, arch_cfg)
-                         + runs("random real", rand, cfg.random_lr, cfg.epochs, arch_cfg)})
+                         "random_real": rand["random_real"],
+                         "random_real_std": rand["random_real_std"],
+                         "runs": runs("distilled", dist, lr, cfg.epochs, arch_cfg) + rand["runs"]})
     # a list, not scalars: `dvc metrics show` keeps one row per IPC from evaluate@<ipc>
     summary = {"ipc": ipc, "archs": rows}
     write_json(paths.crossarch(ipc), summary)

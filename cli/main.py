@@ -27,9 +27,23 @@ def _run(fn, stage: str | None = None, root: Path = Path(".")) -> None:
     code = common.guarded(fn)
     if code:
         raise typer.Exit(code)
+    _warn_tracked(stage, root)
+
+
+def _warn_tracked(stage: str | None, root: Path) -> None:
     warning = common.dvc_tracked_warning(root, stage) if stage else None
     if warning:
         common.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+def _start(start, stage: str, root: Path) -> None:
+    """Run a stage by hand as the processes params.yaml's launch section (or DATM_RANKS) asks
+    for: `start()` runs one in this process, several as `python -m stages...` under torchrun
+    (stages/common.py); then warn as `_run` does."""
+    code = start()
+    if code:
+        raise typer.Exit(code)
+    _warn_tracked(stage, root)
 
 
 @app.command("data")
@@ -50,38 +64,43 @@ def zca(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> N
 
 @app.command()
 def buffers(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Train the expert trajectories; resumes at the next unfinished expert (stage: buffers)."""
+    """Train the expert trajectories; resumes at the next unfinished expert (stage: buffers).
+    Runs as params.yaml's launch.buffers processes (DATM_RANKS overrides)."""
     from stages import buffers as stage
 
-    _run(lambda: stage.run(str(params), str(root)), "buffers", root)
+    _start(lambda: stage.start(str(params), str(root)), "buffers", root)
 
 
 @app.command()
 def distill(ipc: Annotated[int, typer.Option(help="images per class")],
             fresh: Annotated[bool, typer.Option(help="ignore an existing checkpoint")] = False,
             params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Distill one IPC; resumes from its checkpoint after a kill (stage: distill@IPC)."""
+    """Distill one IPC; resumes from its checkpoint after a kill (stage: distill@IPC).
+    Runs as params.yaml's launch.distill processes (DATM_RANKS overrides)."""
     from stages import distill as stage
 
-    _run(lambda: stage.run(ipc, str(params), str(root), fresh), f"distill@{ipc}", root)
+    _start(lambda: stage.start(ipc, str(params), str(root), fresh), f"distill@{ipc}", root)
 
 
 @app.command()
 def fullset(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Accuracy of the evaluation network on the full real training set (stage: fullset)."""
+    """Accuracy of the evaluation network on the full real training set (stage: fullset).
+    Runs as params.yaml's launch.fullset processes (DATM_RANKS overrides)."""
     from stages import evaluate as stage
 
-    _run(lambda: stage.run_fullset(str(params), str(root)), "fullset", root)
+    _start(lambda: stage.start("fullset", None, str(params), str(root)), "fullset", root)
 
 
 @app.command()
 def baseline(ipc: Annotated[int, typer.Option(help="images per class")],
              params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
     """Accuracy of fresh networks on a random real subset of IPC images per class, the
-    baseline `datm evaluate --ipc` reports beside the distilled set (stage: baseline@IPC)."""
+    baseline `datm evaluate --ipc` reports beside the distilled set (stage: baseline@IPC).
+    Runs as params.yaml's launch.baseline processes (DATM_RANKS overrides)."""
     from stages import evaluate as stage
 
-    _run(lambda: stage.run_baseline(ipc, str(params), str(root)), f"baseline@{ipc}", root)
+    _start(lambda: stage.start("baseline", ipc, str(params), str(root)), f"baseline@{ipc}",
+           root)
 
 
 @app.command()
@@ -89,14 +108,17 @@ def evaluate(ipc: Annotated[int | None, typer.Option(help="evaluate this distill
              from_: Annotated[Path | None, typer.Option(
                  "--from", help="evaluate an exported set (a folder from `datm export`)")] = None,
              params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Train fresh networks on a distilled set and report test accuracy (stage: evaluate@IPC)."""
+    """Train fresh networks on a distilled set and report test accuracy (stage: evaluate@IPC).
+    --ipc runs as params.yaml's launch.evaluate processes (DATM_RANKS overrides); --from runs
+    in one process."""
     from stages import evaluate as stage
 
     if (ipc is None) == (from_ is None):
         common.console.print("[bold red]error:[/] pass exactly one of --ipc N or --from DIR")
         raise typer.Exit(2)
     if ipc is not None:
-        _run(lambda: stage.run(ipc, str(params), str(root)), f"evaluate@{ipc}", root)
+        _start(lambda: stage.start("evaluate", ipc, str(params), str(root)), f"evaluate@{ipc}",
+               root)
     else:
         from stages import export as from_stage
 
@@ -130,6 +152,10 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
           preset: Annotated[str | None, typer.Option(
               help="first make presets/NAME.yaml the params.yaml (git keeps the old one)")] = None,
           force: Annotated[bool, typer.Option(help="re-run even if up to date")] = False,
+          ranks: Annotated[int | None, typer.Option(
+              min=1, help="processes per stage on this machine (DATM_RANKS): overrides "
+                          "params.yaml's launch section for every stage; the outputs are the "
+                          "same for any count, so no stage re-runs for it")] = None,
           root: RootOpt = Path(".")) -> None:
     """Run the pipeline with `dvc repro` (optionally on a paper preset)."""
     if preset:
@@ -147,6 +173,8 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
     common.console.print(f"[dim]$ {' '.join(cmd)}[/]")
     # dvc.yaml runs `python -m stages...`: make that the python datm runs in (the venv's).
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    if ranks is not None:
+        env[common.RANKS_ENV] = str(ranks)
     raise typer.Exit(subprocess.call(cmd, cwd=root, env=env))
 
 

@@ -219,6 +219,26 @@ class ExpertConfig:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    """Processes per stage on this machine (`launch`): a stage given W > 1 re-runs itself under
+    torchrun (stages/common.py). Not a result setting: any W gives the same outputs."""
+
+    buffers: int = 1
+    fullset: int = 1
+    baseline: int = 1
+    distill: int = 1
+    evaluate: int = 1
+    crossarch: int = 1
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value < 1:
+                raise ValueError(f"launch.{f.name} must be >= 1 (processes of the stage on "
+                                 f"this machine), got {value}")
+
+
+@dataclass(frozen=True)
 class NetConfig:
     width: int = 128
     depth: int = 3
@@ -354,12 +374,13 @@ class Params:
     distills: dict[int, DistillConfig]
     evaluate_ipc: dict[int, dict]  # per-IPC overrides of `evaluate` (validated)
     device: str = "auto"
+    launch: LaunchConfig = LaunchConfig()  # optional section: every stage one process
 
     @classmethod
     def from_dict(cls, raw: dict) -> Params:
-        unknown = sorted(set(raw) - set(SECTIONS) - {"seed", "device"})
+        unknown = sorted(set(raw) - set(SECTIONS) - {"seed", "device", "launch"})
         if unknown:
-            known = ", ".join(sorted({*SECTIONS, "seed", "device"}))
+            known = ", ".join(sorted({*SECTIONS, "seed", "device", "launch"}))
             raise ConfigError(f"unknown top-level key '{unknown[0]}'; known: {known}")
         # A missing section would silently mean code defaults (e.g. paper-size experts).
         missing = [s for s in SECTIONS if s not in raw]
@@ -380,6 +401,7 @@ class Params:
             distills=_distills(raw["distill"], seed),
             evaluate_ipc=_evaluate_ipc(raw["evaluate"], raw["distill"], seed),
             device=device,
+            launch=_build(LaunchConfig, raw.get("launch"), "launch"),
         )
 
     @property

@@ -1,49 +1,65 @@
 """Stage buffers: train the expert trajectories -> artifacts/buffers/expert_*.safetensors.
 
-Finished experts are kept: a killed run resumes at the next unfinished expert.
+Finished experts are kept: a killed run resumes at the next unfinished expert. With
+`launch.buffers` W > 1 the experts are dealt out to W processes (the same files as one).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 
+from datm import artifacts, experts
+from datm.distributed import SINGLE, Group
 from datm.steps.buffers import buffers
 from datm.steps.project import write_json
 from stages import common
 
 
-def run(params: str = "params.yaml", root: str = ".") -> dict:
+def run(params: str = "params.yaml", root: str = ".", group: Group = SINGLE) -> dict:
     p, pa = common.load(params), common.paths(root)
     cfg = p.buffers
-    with common.tracker("buffers", p, root) as tracker, common.progress_bar() as bar:
+    with common.tracker("buffers", p, root, group=group) as tracker, \
+            common.progress_bar() as bar:
         tracker.params({"buffers": asdict(cfg), "net": asdict(p.net),
                         "augment": asdict(p.augment), "zca": asdict(p.zca), "data": p.data.name})
         task = bar.add_task("experts", total=None, info="")
-        group: list[int] = []
+        batch: list[int] = []
+        mine: set[int] = set()  # the experts this process trained
 
         def on_event(e: dict) -> None:
-            nonlocal group
+            nonlocal batch
             if e["event"] == "start":
                 bar.update(task, total=e["total"], completed=e["done"])
             elif e["event"] == "group":
-                group = e["experts"]
-                bar.update(task, info=f"training {group[0]}..{group[-1]}")
+                batch = e["experts"]
+                bar.update(task, info=f"training {batch[0]}..{batch[-1]}")
             elif e["event"] == "step":
-                bar.update(task, info=f"expert {group[0]} epoch {e['epoch'] + 1}/{cfg.epochs} "
+                bar.update(task, info=f"expert {batch[0]} epoch {e['epoch'] + 1}/{cfg.epochs} "
                                       f"step {e['step']}/{e['steps']}")
             elif e["event"] == "epoch":
-                for j, k in enumerate(group):
+                for j, k in enumerate(batch):
                     tracker.metrics({f"expert_{k:03d}.train_acc": e["train_acc"][j],
                                      f"expert_{k:03d}.test_acc": e["test_acc"][j]}, e["epoch"])
             elif e["event"] == "expert":
+                mine.add(e["index"])
                 bar.advance(task)
                 bar.console.print(f"expert {e['index']}: test acc "
                                   f"{e['meta']['test_acc'][-1]:.4f} in {e['seconds']:.0f}s")
 
-        summary = buffers(p, pa, on_event)
+        summary = buffers(p, pa, on_event, group=group)
+        bar.update(task, completed=len(summary["runs"]))  # the other processes' experts too
+        for row in summary["runs"]:  # their curves, from their files (rank 0 alone logs)
+            k = row["expert"]
+            if group.distributed and row["seconds"] and k not in mine and tracker.active:
+                meta = artifacts.read_meta(experts.expert_path(pa.buffers, k), experts.KIND)
+                for epoch, (train, test) in enumerate(zip(meta["train_acc"], meta["test_acc"])):
+                    tracker.metrics({f"expert_{k:03d}.train_acc": train,
+                                     f"expert_{k:03d}.test_acc": test}, epoch + 1)
         tracker.metrics({"expert_acc": summary["expert_acc"]}, 0)
         tracker.pipeline_metrics({"acc.experts": summary["expert_acc"]})
-    write_json(pa.metrics / "buffers.json", summary)
+    if group.is_main:
+        write_json(pa.metrics / "buffers.json", summary)
     runs = summary["runs"]
     timed = [r for r in runs if r["seconds"]]
     images = sum(r["images_per_second"] * r["seconds"] for r in timed)
@@ -54,6 +70,14 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
     return summary
 
 
+def start(params: str = "params.yaml", root: str = ".") -> int:
+    """The stage as `launch.buffers` (or DATM_RANKS) processes, at most one per expert batch
+    (stages/common.py); its exit code."""
+    return common.start("buffers", "stages.buffers", ["--params", params, "--root", root],
+                        lambda group: run(params, root, group), params,
+                        most=lambda p: -(-p.buffers.num_experts // p.buffers.group))
+
+
 if __name__ == "__main__":
     args = common.parse(__doc__)
-    common.main(lambda: run(args.params, args.root))
+    sys.exit(start(args.params, args.root))

@@ -2,19 +2,33 @@
 
 A stage is `python -m stages.<name>` (DVC runs that) or `datm <name>` (the CLI calls the same
 `run` function). User mistakes end as one line on stderr and exit code 2, never a traceback.
+
+Scale-out (`start`): a stage whose count in params.yaml's `launch` section (or DATM_RANKS) is
+W > 1 runs as W processes of one torchrun launch on this machine; a process that torchrun
+started (by us, or by a user on several machines) is one rank of a torch.distributed group.
+Rank 0 alone writes metrics and results, logs to MLflow and prints; the outputs are the same
+for any W (datm/distributed.py says why).
+
+`python -m stages.common TORCHRUN-ARGS` is that launch: torchrun whose failures end as the
+failed rank's exit code (a user error 2, Ctrl-C 130) instead of torchrun's report and 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
+import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
+import torch.distributed as torch_dist
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,12 +39,23 @@ from rich.progress import (
 )
 
 from datm.config import Params, Paths, load_params
+from datm.distributed import (
+    DEFAULT_TIMEOUT_S,
+    SINGLE,
+    DistributedError,
+    Group,
+    init_from_env,
+    launched,
+)
 from datm.errors import UserError
 from datm.tracking import Tracker
 
 # soft_wrap: rich would otherwise wrap at 80 columns when stderr is a pipe (DVC, CI), turning
 # the one-line error into several.
 console = Console(stderr=True, soft_wrap=True)
+RANKS_ENV = "DATM_RANKS"             # processes per stage, for every stage (`datm repro --ranks`)
+TIMEOUT_ENV = "DATM_DIST_TIMEOUT_S"  # how long a rank waits for the others in a collective
+_rank = 0  # this process's rank when torchrun started it (its error lines say so)
 
 
 def parse(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
@@ -67,10 +92,13 @@ def settings(p: Params, ipc: int | None = None) -> dict:
     return out
 
 
-def tracker(stage: str, p: Params, root: str | Path, run_name: str | None = None) -> Tracker:
+def tracker(stage: str, p: Params, root: str | Path, run_name: str | None = None,
+            group: Group = SINGLE) -> AbstractContextManager[Tracker]:
     """The MLflow run of one stage execution, nested under the pipeline's parent run when DVC
-    runs it (datm.tracking)."""
-    return Tracker(stage, root, run_name=run_name, settings=settings(p))
+    runs it (datm.tracking). On a rank other than 0 an inactive Tracker (never entered, so
+    every call is a no-op): one run per stage execution, however many processes."""
+    run = Tracker(stage, root, run_name=run_name, settings=settings(p))
+    return run if group.is_main else nullcontext(run)
 
 
 def dvc_tracked_warning(root: str | Path, stage: str) -> str | None:
@@ -120,7 +148,12 @@ def guarded(fn: Callable[[], object]) -> int:
     except UserError as exc:
         if os.environ.get("DATM_DEBUG"):
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        message = escape(str(exc))  # e.g. gloo's "[.../pair.cc:545] ..." is not markup
+        if _rank:  # the console of ranks other than 0 is quiet; an error must still show
+            Console(stderr=True, soft_wrap=True).print(
+                f"[bold red]error:[/] rank {_rank}: {message}", highlight=False)
+        else:
+            console.print(f"[bold red]error:[/] {message}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted:[/] run the same command again to resume")
@@ -134,8 +167,188 @@ def main(fn: Callable[[], object]) -> None:
 
 @contextmanager
 def progress_bar() -> Iterator[Progress]:
+    """A progress display; none on ranks other than 0 (their console is quiet)."""
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                   console=console, transient=False, refresh_per_second=4)
+                   console=console, transient=False, refresh_per_second=4,
+                   disable=console.quiet)
     with bar:
         yield bar
+
+
+# --- several processes: torchrun -----------------------------------------------------------------
+
+def processes(launch: str, params: str | Path,
+              most: Callable[[Params], int] | None = None) -> int:
+    """How many processes run a stage on this machine: DATM_RANKS if set, else the stage's
+    `launch.<launch>` in params.yaml; never more than `most(params)`, what the stage can use
+    (its evaluation models, its expert batches; 1 where its work does not split)."""
+    p = load(params)
+    raw = os.environ.get(RANKS_ENV, "").strip()
+    if raw:
+        try:
+            world = int(raw)
+        except ValueError:
+            world = 0
+        if world < 1:
+            raise UserError(f"{RANKS_ENV} must be a whole number >= 1 (processes per stage), "
+                            f"got {raw!r}")
+    else:
+        world = getattr(p.launch, launch)
+    return max(1, min(world, most(p))) if most else world
+
+
+def dist_timeout() -> float:
+    """DATM_DIST_TIMEOUT_S: seconds a rank waits for the others in a collective before it
+    fails (a dead or stuck rank); default datm.distributed.DEFAULT_TIMEOUT_S."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
+    return seconds
+
+
+def start(launch: str, module: str, args: Sequence[str], fn: Callable[[Group], object],
+          params: str | Path = "params.yaml",
+          most: Callable[[Params], int] | None = None) -> int:
+    """Run a stage as its processes; the exit code (see `guarded`).
+
+    * started by torchrun (launched()): this process is one rank, fn(its Group);
+    * else W = processes(launch, params, most) > 1: `python -m module args` as W processes of
+      one torchrun launch on this machine (a subprocess; `torchrun`);
+    * else fn(SINGLE) in this process, as without torch.distributed.
+    """
+    if launched():
+        return _as_rank(fn, params)
+    world = 1
+
+    def count() -> None:
+        nonlocal world
+        world = processes(launch, params, most)
+        if world > 1:
+            dist_timeout()  # a bad value: one line here, not one per rank
+
+    code = guarded(count)  # a bad params file or DATM_RANKS: one line here, no launch
+    if code:
+        return code
+    if world == 1:
+        return guarded(lambda: fn(SINGLE))
+    return torchrun(world, module, args)
+
+
+def _as_rank(fn: Callable[[Group], object], params: str | Path) -> int:
+    """fn(group) as the rank torchrun's variables name; only rank 0 prints."""
+    global _rank
+    _rank = int(os.environ.get("RANK", "0"))
+    console.quiet = _rank != 0
+    group = SINGLE
+
+    def go() -> None:
+        nonlocal group
+        device, timeout_s = load(params).torch_device(), dist_timeout()
+        try:
+            group = init_from_env(device, timeout_s=timeout_s)
+            fn(group)
+        except RuntimeError as exc:  # a peer died or hung: one line, not a traceback
+            if not (isinstance(exc, torch_dist.DistError) or "gloo" in str(exc)):
+                raise  # a bug: its traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DistributedError(
+                f"lost the other processes ({first[:300]}): one of them died or hung; run the "
+                "same command again to resume") from None
+
+    try:
+        return guarded(go)
+    finally:
+        group.close()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def torchrun(world: int, module: str, args: Sequence[str]) -> int:
+    """`python -m module args` as `world` processes of one torchrun launch on this machine
+    (`python -m stages.common`, a subprocess); its exit code.
+
+    SIGINT and SIGTERM sent to this process go to the launch (in a process group of its own,
+    so a Ctrl-C reaches it once), which hands them to the ranks: Ctrl-C still ends with 130.
+    Each process gets an equal share of the cores unless OMP_NUM_THREADS says otherwise
+    (torchrun itself would give each one thread).
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // world)))
+    cmd = [sys.executable, "-m", "stages.common", "--standalone", f"--nproc_per_node={world}",
+           "-m", module, *args]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum: int, _frame) -> None:
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, forward)
+    except ValueError:  # not the main thread: signals reach only the main thread's handlers
+        pass
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
+
+
+def _launch(argv: list[str]) -> int:
+    """torch.distributed.run on `argv` (torchrun's arguments), ending as its first failed
+    rank ended: that rank printed why (its error line, or its traceback for a bug); a rank
+    killed by a signal gets a line here. No torchrun failure report, no traceback."""
+    import logging
+
+    from torch.distributed import run as torch_run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if sys.platform.startswith("linux"):  # end with the stage process, even when it is killed
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    for name in list(logging.root.manager.loggerDict):  # its warnings: the ranks say it
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    try:
+        torch_run.run(torch_run.parse_args(argv))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode >= 0:
+            return failure.exitcode
+        try:
+            name = signal.Signals(-failure.exitcode).name
+        except ValueError:
+            name = f"signal {-failure.exitcode}"
+        console.print(f"[bold red]error:[/] rank {rank} (pid {failure.pid}) was killed by {name}, "
+                      "so the others were stopped: run the same command again to resume",
+                      highlight=False)
+        return 128 - failure.exitcode
+    except SignalException as exc:  # Ctrl-C or a kill: torchrun handed it to the ranks
+        return 128 + int(exc.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_launch(sys.argv[1:]))

@@ -1,15 +1,19 @@
 """Stage distill@<ipc>: DATM for one IPC -> artifacts/distilled/ipc_<ipc>.safetensors.
 
 Checkpoints go to checkpoints/; running the same command again after a kill resumes there.
+With `launch.distill` W > 1 every mini-batch is split among W processes (mode recompute).
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 from datm import artifacts, locks
-from datm.config import Paths
+from datm.config import Params, Paths
+from datm.distributed import SINGLE, Group
 from datm.steps.distill import distill
 from datm.tracking import Tracker
 from datm.visual import class_grid, save_png
@@ -32,15 +36,19 @@ def ipc_lock(pa: Paths, ipc: int):
     return locks.hold(pa.checkpoint(ipc).with_suffix(".lock"), f"IPC {ipc} is being distilled")
 
 
-def run(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = False) -> dict:
+def run(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = False,
+        group: Group = SINGLE) -> dict:
     p, pa = common.load(params), common.paths(root)
     cfg = p.distill(ipc)
-    # The lock first: a refused run leaves no trace, not even an MLflow run.
-    with ipc_lock(pa, ipc), common.tracker("distill", p, root, f"distill@{ipc}") as tracker, \
+    # The lock first: a refused run leaves no trace, not even an MLflow run. Rank 0 alone
+    # writes the checkpoint and the result, so it alone holds the lock.
+    lock = ipc_lock(pa, ipc) if group.is_main else nullcontext()
+    with lock, common.tracker("distill", p, root, f"distill@{ipc}", group) as tracker, \
             common.progress_bar() as bar:
         # Under the lock nobody else writes these: a temp file beside them is a killed run's.
-        artifacts.remove_stale_temps(pa.distilled(ipc))
-        artifacts.remove_stale_temps(pa.checkpoint(ipc))
+        if group.is_main:
+            artifacts.remove_stale_temps(pa.distilled(ipc))
+            artifacts.remove_stale_temps(pa.checkpoint(ipc))
         tracker.params(common.settings(p, ipc))
         tracker.tags({"ipc": str(ipc)})
         task = bar.add_task(f"distill ipc {ipc}", total=cfg.iterations, info="")
@@ -67,7 +75,7 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = Fa
                 if it % cfg.grid_every == 0:
                     _log_grid(tracker, holder, f"grid_{it:06d}.png", "grids")
 
-        summary = distill(p, pa, ipc, on_event, fresh=fresh)
+        summary = distill(p, pa, ipc, on_event, fresh=fresh, group=group)
         tracker.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))},
                         summary["iterations"])
         tracker.pipeline_metrics({f"matching_loss.ipc{ipc}": summary["final_loss"]})
@@ -79,7 +87,23 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = Fa
     return summary
 
 
+def splits(p: Params, ipc: int) -> int:
+    """How many processes can share this IPC's distillation: one in mode unroll or with batch
+    norm (it couples a mini-batch), else any number (every unrolled step's batch is split)."""
+    cfg = p.distill(ipc)  # also a clear error for an IPC that is not configured
+    return 1 if cfg.mode != "recompute" or p.net.norm == "batch" else sys.maxsize
+
+
+def start(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = False) -> int:
+    """The stage as `launch.distill` (or DATM_RANKS) processes (stages/common.py); its exit
+    code."""
+    args = ["--ipc", str(ipc), "--params", params, "--root", root] + (["--fresh"] if fresh else [])
+    return common.start("distill", "stages.distill", args,
+                        lambda group: run(ipc, params, root, fresh, group), params,
+                        most=lambda p: splits(p, ipc))
+
+
 if __name__ == "__main__":
     args = common.parse(__doc__, lambda a: (a.add_argument("--ipc", type=int, required=True),
                                             a.add_argument("--fresh", action="store_true")))
-    common.main(lambda: run(args.ipc, args.params, args.root, args.fresh))
+    sys.exit(start(args.ipc, args.params, args.root, args.fresh))

@@ -3,13 +3,17 @@ each set.
 
 `python -m stages.evaluate --fullset` trains on the whole real set, `--baseline N` on a random
 real subset of N images per class (both cached: distill settings do not touch them); `--ipc N`
-evaluates the distilled set beside that baseline.
+evaluates the distilled set beside that baseline. With `launch.<stage>` W > 1 the models are
+dealt out to W processes (model k on process k % W; the same accuracies as one).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 
+from datm.config import Params
+from datm.distributed import SINGLE, Group
 from datm.steps.evaluate import baseline_ipc, crossarch_ipc, evaluate_ipc, fullset
 from datm.tracking import Tracker
 from stages import common
@@ -17,6 +21,7 @@ from stages import common
 
 def progress_events(tracker: Tracker, bar, task, prefix: str):
     state = {"set": prefix, "model": 0}
+    trained: set[str] = set()  # the sets this process trained models of
 
     def on_event(e: dict) -> None:
         if e["event"] == "set":
@@ -30,19 +35,36 @@ def progress_events(tracker: Tracker, bar, task, prefix: str):
             tracker.metrics({f"{key}{suffix}.test_acc": e["acc"]}, e["epoch"])
         elif e["event"] == "model":
             state["model"] = e["model"] % e["models"]
+            trained.add(state["set"])
             key = state["set"].replace(" ", "_")
             tracker.metrics({f"{key}.acc": e["acc"]}, e["model"])
             bar.console.print(f"{state['set']} model {e['model']}/{e['models']}: "
                               f"test acc {e['acc']:.4f}")
+    on_event.trained = trained  # type: ignore[attr-defined]
     return on_event
 
 
-def run_fullset(params: str = "params.yaml", root: str = ".") -> dict:
+def log_other_ranks(tracker: Tracker, on_event, runs: list[dict], group: Group,
+                    per_arch: bool = False) -> None:
+    """The accuracy of each model another rank trained (model k on rank k % W), logged as
+    rank 0's `on_event` logs its own, for the sets this run trained (not a stored baseline)."""
+    if not group.distributed:
+        return
+    for row in runs:
+        name = f"{row['set']} on {row['arch']}" if per_arch else row["set"]
+        if row["model"] % group.world and name in on_event.trained:
+            tracker.metrics({f"{name.replace(' ', '_')}.acc": row["acc"]}, row["model"] + 1)
+
+
+def run_fullset(params: str = "params.yaml", root: str = ".", group: Group = SINGLE) -> dict:
     p, pa = common.load(params), common.paths(root)
-    with common.tracker("fullset", p, root) as tracker, common.progress_bar() as bar:
+    with common.tracker("fullset", p, root, group=group) as tracker, \
+            common.progress_bar() as bar:
         tracker.params({"evaluate": asdict(p.evaluate), "net": asdict(p.net)})
         task = bar.add_task("full dataset", total=p.evaluate.fullset_epochs, info="")
-        summary = fullset(p, pa, progress_events(tracker, bar, task, "full dataset"))
+        events = progress_events(tracker, bar, task, "full dataset")
+        summary = fullset(p, pa, events, group=group)
+        log_other_ranks(tracker, events, summary["runs"], group)
         tracker.metrics({"full_dataset": summary["full_dataset"], "seconds": summary["seconds"]}, 0)
         tracker.pipeline_metrics({"acc.full_dataset": summary["full_dataset"]})
     common.console.print(f"[green]fullset:[/] {summary['full_dataset']:.4f} test accuracy "
@@ -50,14 +72,17 @@ def run_fullset(params: str = "params.yaml", root: str = ".") -> dict:
     return summary
 
 
-def run_baseline(ipc: int, params: str = "params.yaml", root: str = ".") -> dict:
+def run_baseline(ipc: int, params: str = "params.yaml", root: str = ".",
+                 group: Group = SINGLE) -> dict:
     p, pa = common.load(params), common.paths(root)
-    with common.tracker("baseline", p, root, f"baseline@{ipc}") as tracker, \
+    with common.tracker("baseline", p, root, f"baseline@{ipc}", group) as tracker, \
             common.progress_bar() as bar:
         tracker.params({**common.settings(p, ipc), "ipc": ipc})
         tracker.tags({"ipc": str(ipc)})
         task = bar.add_task(f"random real ipc {ipc}", total=p.evaluation(ipc).epochs, info="")
-        summary = baseline_ipc(p, pa, ipc, progress_events(tracker, bar, task, "random real"))
+        events = progress_events(tracker, bar, task, "random real")
+        summary = baseline_ipc(p, pa, ipc, events, group=group)
+        log_other_ranks(tracker, events, summary["runs"], group)
         tracker.metrics({"random_real": summary["random_real"],
                          "random_real_std": summary["random_real_std"]}, 0)
         tracker.pipeline_metrics({f"acc.random_real.ipc{ipc}": summary["random_real"]})
@@ -66,14 +91,16 @@ def run_baseline(ipc: int, params: str = "params.yaml", root: str = ".") -> dict
     return summary
 
 
-def run(ipc: int, params: str = "params.yaml", root: str = ".") -> dict:
+def run(ipc: int, params: str = "params.yaml", root: str = ".", group: Group = SINGLE) -> dict:
     p, pa = common.load(params), common.paths(root)
-    with common.tracker("evaluate", p, root, f"evaluate@{ipc}") as tracker, \
+    with common.tracker("evaluate", p, root, f"evaluate@{ipc}", group) as tracker, \
             common.progress_bar() as bar:
         tracker.params({**common.settings(p, ipc), "ipc": ipc})
         tracker.tags({"ipc": str(ipc)})
         task = bar.add_task(f"evaluate ipc {ipc}", total=p.evaluation(ipc).epochs, info="")
-        summary = evaluate_ipc(p, pa, ipc, progress_events(tracker, bar, task, ""))
+        events = progress_events(tracker, bar, task, "")
+        summary = evaluate_ipc(p, pa, ipc, events, group=group)
+        log_other_ranks(tracker, events, summary["runs"], group)
         tracker.metrics({k: v for k, v in summary.items()
                          if isinstance(v, (int, float)) and v is not None}, 0)
         tracker.pipeline_metrics({f"acc.distilled.ipc{ipc}": summary["distilled"],
@@ -88,15 +115,19 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".") -> dict:
     return summary
 
 
-def run_crossarch(ipc: int, params: str = "params.yaml", root: str = ".") -> dict:
+def run_crossarch(ipc: int, params: str = "params.yaml", root: str = ".",
+                  group: Group = SINGLE) -> dict:
     p, pa = common.load(params), common.paths(root)
     cfg = p.evaluation(ipc)
-    with common.tracker("crossarch", p, root, f"crossarch@{ipc}") as tracker, \
+    with common.tracker("crossarch", p, root, f"crossarch@{ipc}", group) as tracker, \
             common.progress_bar() as bar:
         tracker.params({**common.settings(p, ipc), "ipc": ipc})
         tracker.tags({"ipc": str(ipc)})
         task = bar.add_task(f"cross-architecture ipc {ipc}", total=cfg.epochs, info="")
-        summary = crossarch_ipc(p, pa, ipc, progress_events(tracker, bar, task, ""))
+        events = progress_events(tracker, bar, task, "")
+        summary = crossarch_ipc(p, pa, ipc, events, group=group)
+        for row in summary["archs"]:
+            log_other_ranks(tracker, events, row["runs"], group, per_arch=True)
         for row in summary["archs"]:
             tracker.metrics({f"{row['arch']}.distilled": row["distilled"],
                              f"{row['arch']}.random_real": row["random_real"]}, 0)
@@ -110,20 +141,49 @@ def run_crossarch(ipc: int, params: str = "params.yaml", root: str = ".") -> dic
     return summary
 
 
+STAGES = {"fullset": run_fullset, "baseline": run_baseline, "evaluate": run,
+          "crossarch": run_crossarch}
+
+
+def models(stage: str, p: Params, ipc: int | None) -> int:
+    """The models `stage` trains per set: the most processes it can keep busy."""
+    if stage == "fullset":
+        return p.evaluate.fullset_models
+    cfg = p.evaluation(ipc)  # also a clear error for an IPC that is not configured
+    return 1 if stage == "crossarch" and not cfg.cross_archs else cfg.models
+
+
+def start(stage: str, ipc: int | None = None, params: str = "params.yaml",
+          root: str = ".") -> int:
+    """`stage` (fullset, baseline, evaluate or crossarch) as `launch.<stage>` (or DATM_RANKS)
+    processes, at most one per model (stages/common.py); its exit code."""
+    flag = {"fullset": ["--fullset"], "baseline": ["--baseline", str(ipc)],
+            "evaluate": ["--ipc", str(ipc)], "crossarch": ["--crossarch", str(ipc)]}[stage]
+    fn = STAGES[stage]
+
+    def go(group: Group) -> dict:
+        if stage == "fullset":
+            return fn(params, root, group)
+        return fn(ipc, params, root, group)
+
+    return common.start(stage, "stages.evaluate", [*flag, "--params", params, "--root", root],
+                        go, params, most=lambda p: models(stage, p, ipc))
+
+
 if __name__ == "__main__":
     args = common.parse(__doc__, lambda a: (a.add_argument("--ipc", type=int),
                                             a.add_argument("--baseline", type=int, metavar="N"),
                                             a.add_argument("--crossarch", type=int, metavar="N"),
                                             a.add_argument("--fullset", action="store_true")))
     if args.fullset:
-        common.main(lambda: run_fullset(args.params, args.root))
+        sys.exit(start("fullset", None, args.params, args.root))
     elif args.baseline is not None:
-        common.main(lambda: run_baseline(args.baseline, args.params, args.root))
+        sys.exit(start("baseline", args.baseline, args.params, args.root))
     elif args.crossarch is not None:
-        common.main(lambda: run_crossarch(args.crossarch, args.params, args.root))
+        sys.exit(start("crossarch", args.crossarch, args.params, args.root))
     elif args.ipc is None:
         common.console.print("[bold red]error:[/] pass --ipc N, --baseline N, --crossarch N or "
                              "--fullset")
         raise SystemExit(2)
     else:
-        common.main(lambda: run(args.ipc, args.params, args.root))
+        sys.exit(start("evaluate", args.ipc, args.params, args.root))

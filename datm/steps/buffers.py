@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from .. import artifacts, experts
 from ..config import Params, Paths
+from ..distributed import SINGLE, Group
 from ..events import Callback
 from .project import model_data, quiet
 
 
-def buffers(params: Params, paths: Paths, callback: Callback = quiet) -> dict:
-    md = model_data(paths, params.torch_device())
+def buffers(params: Params, paths: Paths, callback: Callback = quiet,
+            group: Group = SINGLE) -> dict:
+    """Train the missing experts; on several ranks (`group`) each trains its share and every
+    rank returns the summary of all of them (the stage writes it on rank 0)."""
+    md = model_data(paths, group.device if group.distributed else params.torch_device())
     spec = md.spec(params)
     seconds: dict[int, float] = {}
 
@@ -19,7 +23,11 @@ def buffers(params: Params, paths: Paths, callback: Callback = quiet) -> dict:
         callback(e)
 
     files = experts.train_experts(paths.buffers, spec, md.x, md.y, md.x_test, md.y_test,
-                                  params.buffers, params.augment, md.identity, on_event)
+                                  params.buffers, params.augment, md.identity, on_event,
+                                  group=group)
+    if group.distributed:  # the wall times of the experts the other ranks trained, too
+        gathered = group.gather_floats(seconds, params.buffers.num_experts)
+        seconds = {k: s for k, s in enumerate(gathered) if s > 0}
     metas = [artifacts.read_meta(f, experts.KIND) for f in files]
     final = [m["test_acc"][-1] for m in metas]
     # Only scalar accuracy keys at the top: `dvc metrics show` makes a column of each scalar and

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from .. import evaluate, experts
 from ..config import Params, Paths
 from ..distill import Distiller, DistillError, Selection
+from ..distributed import SINGLE, Group
 from ..events import Callback
 from ..provenance import code_digest
 from .project import model_data, quiet, settled
@@ -21,9 +22,11 @@ DISTILL_CODE = ("datm.distill", "datm.matching", "datm.networks", "datm.augment"
 
 
 def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
-            fresh: bool = False) -> dict:
+            fresh: bool = False, group: Group = SINGLE) -> dict:
+    """Distill one IPC, resuming from its checkpoint. On several ranks (`group`) every rank
+    computes the same state (datm/distill.py); rank 0 alone writes checkpoints and the result."""
     cfg = params.distill(ipc)
-    device = params.torch_device()
+    device = group.device if group.distributed else params.torch_device()
     buffer = experts.ExpertBuffer.open(paths.buffers)
     md = model_data(paths, device)
     if buffer.spec.num_classes != len(md.classes):
@@ -41,10 +44,12 @@ def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
         inputs += [asdict(recipe), selection.spec.to_dict()]  # they change the choice
     identity = cfg.digest(json.dumps(inputs))
     state = None if fresh else Distiller.resume(paths.checkpoint(ipc), cfg, buffer,
-                                                params.augment, identity, device, selection)
+                                                params.augment, identity, device, selection,
+                                                group=group)
     resumed_at = state.iteration if state else 0
     if state is None:
-        state = Distiller.create(cfg, buffer, md.x, md.y, params.augment, selection)
+        state = Distiller.create(cfg, buffer, md.x, md.y, params.augment, selection,
+                                 group=group)
     callback({"event": "start", "iteration": state.iteration, "iterations": cfg.iterations,
               "resumed": resumed_at > 0, "initial": state, "pixels": md.pixels})
     tic = time.perf_counter()
@@ -58,8 +63,9 @@ def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
     if state.best is not None:
         summary.update(selected_iteration=state.best.iteration,
                        selected_val_acc=state.best.val_acc, selected_lr=float(state.best.lr))
-    state.save_result(paths.distilled(ipc), {
-        "classes": md.classes, "mean": md.mean, "std": md.std, "zca": md.zca.enabled,
-        "dataset": params.data.name, "summary": settled(summary)})
+    if group.is_main:
+        state.save_result(paths.distilled(ipc), {
+            "classes": md.classes, "mean": md.mean, "std": md.std, "zca": md.zca.enabled,
+            "dataset": params.data.name, "summary": settled(summary)})
     callback({"event": "done", "state": state, "summary": summary})
     return summary

@@ -17,6 +17,7 @@ import torch
 
 from .. import augment, evaluate, networks, provenance
 from ..config import EvalConfig, Params, Paths
+from ..distributed import SINGLE, Group
 from ..errors import UserError
 from ..events import Callback
 from .project import ModelData, load_distilled, model_data, quiet, write_json
@@ -38,10 +39,16 @@ def runs(name: str, result: dict, lr: float, epochs: int, cfg: EvalConfig) -> li
             for k, acc in enumerate(result["accs"])]
 
 
-def fullset(params: Params, paths: Paths, callback: Callback = quiet) -> dict:
+def _device(params: Params, group: Group) -> torch.device:
+    """Where a step computes: the rank's own device on several ranks (its GPU)."""
+    return group.device if group.distributed else params.torch_device()
+
+
+def fullset(params: Params, paths: Paths, callback: Callback = quiet,
+            group: Group = SINGLE) -> dict:
     """Accuracy of the evaluation network trained on the whole real training set."""
     cfg = params.evaluate
-    md = model_data(paths, params.torch_device())
+    md = model_data(paths, _device(params, group))
     # Its own batch: `batch` is sized for sets of tens to hundreds of images (a few SGD steps
     # per epoch); on the whole training set it would mean thousands of tiny steps per epoch.
     full_cfg = replace(cfg, batch=cfg.fullset_batch)
@@ -49,10 +56,11 @@ def fullset(params: Params, paths: Paths, callback: Callback = quiet) -> dict:
     # test_every 1: the accuracy curve (MLflow) that shows whether fullset_epochs converge
     result = evaluate.evaluate_set(spec, md.x, md.y, cfg.fullset_lr, cfg.fullset_epochs,
                                    cfg.fullset_models, full_cfg, params.augment, md.x_test,
-                                   md.y_test, cfg.seed + 17, callback, test_every=1)
+                                   md.y_test, cfg.seed + 17, callback, group=group, test_every=1)
     summary = {"full_dataset": result["mean"],
                "runs": runs("full dataset", result, cfg.fullset_lr, cfg.fullset_epochs, full_cfg)}
-    write_json(paths.fullset, summary)  # evaluate@N depends on it: no wall times inside
+    if group.is_main:
+        write_json(paths.fullset, summary)  # evaluate@N depends on it: no wall times inside
     return {**summary, "seconds": sum(result["seconds"])}
 
 
@@ -65,8 +73,11 @@ def _protocol(params: Params, md: ModelData, ipc: int) -> str:
     settings the baseline uses, the IPC and the code. A baseline file of another protocol is
     not used (e.g. `datm evaluate` by hand after a settings change)."""
     cfg = params.evaluation(ipc)
+    # the device's kind as one process names it: a rank's own GPU (cuda:1) is cuda:0 here
+    device = md.x.device
     recipe = {"ipc": ipc, "data": md.identity, "net": asdict(params.net),
-              "augment": asdict(params.augment), "device": str(md.x.device),
+              "augment": asdict(params.augment),
+              "device": device.type if device.index is None else f"{device.type}:0",
               **{k: getattr(cfg, k) for k in ("arch", "models", "epochs", "batch", "momentum",
                                               "weight_decay", "augment", "random_lr", "seed")},
               "code": provenance.code_digest(evaluate, augment, networks)}
@@ -74,7 +85,7 @@ def _protocol(params: Params, md: ModelData, ipc: int) -> str:
 
 
 def _random_real(params: Params, md: ModelData, ipc: int, callback: Callback,
-                 arch: str | None = None) -> dict:
+                 arch: str | None = None, group: Group = SINGLE) -> dict:
     """`evaluate.models` fresh networks on a random real subset of `ipc` images per class, on
     the IPC's architecture or on `arch` (the cross-architecture table)."""
     cfg = params.evaluation(ipc)
@@ -85,19 +96,23 @@ def _random_real(params: Params, md: ModelData, ipc: int, callback: Callback,
     idx = evaluate.random_subset(md.y, ipc, len(md.classes), cfg.seed + ipc)
     rand = evaluate.evaluate_set(spec, md.x[idx], md.y[idx], cfg.random_lr, cfg.epochs,
                                  cfg.models, cfg, params.augment, md.x_test, md.y_test,
-                                 cfg.seed + 1, callback)
+                                 cfg.seed + 1, callback, group=group)
     return {"ipc": ipc, "random_real": rand["mean"], "random_real_std": rand["std"],
             "protocol": _protocol(params, md, ipc),
             "runs": runs("random real", rand, cfg.random_lr, cfg.epochs, cfg),
             "seconds": sum(rand["seconds"])}
 
 
-def baseline_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = quiet) -> dict:
+def baseline_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
+                 group: Group = SINGLE) -> dict:
     """The random real baseline of an IPC -> metrics/baseline/ipc_<ipc>.json (no wall time:
     evaluate@<ipc> depends on the file)."""
     params.distill(ipc)  # a clear error for an IPC that is not configured
-    summary = _random_real(params, model_data(paths, params.torch_device()), ipc, callback)
-    write_json(baseline_path(paths, ipc), {k: v for k, v in summary.items() if k != "seconds"})
+    summary = _random_real(params, model_data(paths, _device(params, group)), ipc, callback,
+                           group=group)
+    if group.is_main:
+        write_json(baseline_path(paths, ipc),
+                   {k: v for k, v in summary.items() if k != "seconds"})
     return summary
 
 
@@ -112,12 +127,13 @@ def _stored_baseline(params: Params, paths: Paths, md: ModelData, ipc: int) -> d
     return {**stored, "seconds": 0.0}
 
 
-def crossarch_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = quiet) -> dict:
+def crossarch_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
+                  group: Group = SINGLE) -> dict:
     """The distilled set and a random real subset of the same size, each trained on every
     architecture of `evaluate.cross_archs` with the IPC's recipe -> metrics/crossarch/ipc_N.json
     (the cross-architecture table of the summary; empty when no other architecture is asked)."""
     cfg = params.evaluation(ipc)
-    md = model_data(paths, params.torch_device()) if cfg.cross_archs else None
+    md = model_data(paths, _device(params, group)) if cfg.cross_archs else None
     rows, seconds = [], 0.0
     if md is not None:
         tensors, _ = load_distilled(paths.distilled(ipc))
@@ -130,8 +146,9 @@ def crossarch_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = q
             arch_cfg = replace(cfg, arch=arch)
             callback({"event": "set", "name": f"distilled on {arch}", "models": cfg.models})
             dist = evaluate.evaluate_set(spec, x, labels, lr, cfg.epochs, cfg.models, arch_cfg,
-                                         params.augment, md.x_test, md.y_test, cfg.seed, callback)
-            rand = _random_real(params, md, ipc, callback, arch)
+                                         params.augment, md.x_test, md.y_test, cfg.seed, callback,
+                                         group=group)
+            rand = _random_real(params, md, ipc, callback, arch, group)
             seconds += sum(dist["seconds"]) + rand["seconds"]
             rows.append({"arch": arch, "distilled": dist["mean"], "distilled_std": dist["std"],
                          "random_real": rand["random_real"],
@@ -139,18 +156,20 @@ def crossarch_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = q
                          "runs": runs("distilled", dist, lr, cfg.epochs, arch_cfg) + rand["runs"]})
     # a list, not scalars: `dvc metrics show` keeps one row per IPC from evaluate@<ipc>
     summary = {"ipc": ipc, "archs": rows}
-    write_json(paths.crossarch(ipc), summary)
+    if group.is_main:
+        write_json(paths.crossarch(ipc), summary)
     return {**summary, "seconds": seconds}
 
 
-def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = quiet) -> dict:
+def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
+                 group: Group = SINGLE) -> dict:
     """Distilled set vs a random real subset of the same size vs the full set (cached).
 
     The random real subset's accuracy comes from baseline@<ipc>'s file when it holds the
     current protocol; otherwise it is trained here (and not written: that is baseline's file).
     """
     cfg = params.evaluation(ipc)  # also a clear error for an IPC that is not configured
-    md = model_data(paths, params.torch_device())
+    md = model_data(paths, _device(params, group))
     tensors, meta = load_distilled(paths.distilled(ipc))
     check_finite(paths.distilled(ipc), images=tensors["images"], labels=tensors["labels"],
                  lr=tensors["lr"])
@@ -159,8 +178,10 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
     callback({"event": "set", "name": "distilled", "models": cfg.models})
     dist = evaluate.evaluate_set(spec, tensors["images"].to(md.x.device),
                                  tensors["labels"].to(md.x.device), lr, cfg.epochs, cfg.models,
-                                 cfg, params.augment, md.x_test, md.y_test, cfg.seed, callback)
-    rand = _stored_baseline(params, paths, md, ipc) or _random_real(params, md, ipc, callback)
+                                 cfg, params.augment, md.x_test, md.y_test, cfg.seed, callback,
+                                 group=group)
+    rand = _stored_baseline(params, paths, md, ipc) or _random_real(params, md, ipc, callback,
+                                                                    group=group)
     full = json.loads(paths.fullset.read_text()) if paths.fullset.is_file() else {}
     full_acc = full.get("full_dataset")
     # One row per IPC in `dvc metrics show`: the accuracies as scalars, details in "runs".
@@ -172,5 +193,6 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
                "train_fraction": tensors["images"].shape[0] / md.x.shape[0],
                "matching_loss": meta["summary"]["final_loss"],
                "runs": runs("distilled", dist, lr, cfg.epochs, cfg) + rand["runs"]}
-    write_json(paths.evaluation(ipc), summary)
+    if group.is_main:
+        write_json(paths.evaluation(ipc), summary)
     return {**summary, "seconds": sum(dist["seconds"]) + rand["seconds"]}

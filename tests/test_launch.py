@@ -1,0 +1,331 @@
+"""Stages as W processes: params.yaml's `launch` section, DATM_RANKS and the torchrun re-exec.
+
+A stage whose count is W > 1 runs its own command again under torchrun (stages/common.py); its
+outputs must be those of one process: experts byte for byte, evaluation metrics equal, a
+distilled set equal to float rounding. Each stage run here is a real process on a tiny project
+on the CPU (gloo); a 2-process run costs ~5 s more than one (torchrun and two imports of torch).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import helpers
+import pytest
+import torch
+import yaml
+from helpers import describe, error_lines
+
+from datm import artifacts, pipeline
+from datm.config import ConfigError, LaunchConfig, Params, Paths, load_params
+from datm.errors import UserError
+from stages import common
+
+PYTHON = sys.executable
+TIMEOUT = 240  # a stage run that takes longer hangs
+
+
+def stage(name: str, *args: str) -> list[str]:
+    return [PYTHON, "-m", f"stages.{name}", *args]
+
+
+def launch_params(**launch: int) -> dict:
+    """tiny_params with 3 evaluation models and 3 experts, so that 2 processes share them
+    unevenly (model / expert k on process k % 2)."""
+    raw = helpers.tiny_params()
+    raw["buffers"]["num_experts"] = 3
+    raw["evaluate"]["models"] = 3
+    raw["launch"] = {"buffers": 1, "fullset": 1, "baseline": 1, "distill": 1, "evaluate": 1,
+                     "crossarch": 1, **launch}
+    return raw
+
+
+def run_stage(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return helpers.run(args, cwd=cwd, env=helpers.stage_env(**env), timeout=TIMEOUT)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, describe(result)
+    assert "Traceback" not in result.stdout + result.stderr, describe(result)
+    return result.stdout + result.stderr
+
+
+def twin(project: Path, name: str) -> Path:
+    """A copy of the project beside it (the same data, ZCA and experts)."""
+    return Path(shutil.copytree(project, project.parent / name))
+
+
+# --- the launch section --------------------------------------------------------------------------
+
+def test_launch_section_is_optional_and_defaults_to_one_process():
+    raw = helpers.tiny_params()
+    raw.pop("launch", None)
+    assert Params.from_dict(raw).launch == LaunchConfig()
+    assert set(vars(LaunchConfig()).values()) == {1}
+    raw["launch"] = None  # `launch:` with nothing under it
+    assert Params.from_dict(raw).launch == LaunchConfig()
+    raw["launch"] = {"evaluate": 3}
+    assert Params.from_dict(raw).launch == LaunchConfig(evaluate=3)
+
+
+def test_shipped_params_parse_their_launch_section():
+    shipped = helpers.shipped_params()["launch"]
+    assert vars(load_params(helpers.REPO / "params.yaml").launch) == shipped
+
+
+@pytest.mark.parametrize("launch, key", [
+    ({"buffers": 0}, "launch.buffers"),
+    ({"evaluate": -2}, "launch.evaluate"),
+    ({"distill": "x"}, "launch.distill"),
+    ({"baseline": 1.5}, "launch.baseline"),
+    ({"crossarch": True}, "launch.crossarch"),
+    ({"buffer": 2}, "launch.buffer"),
+])
+def test_bad_launch_values_are_config_errors_naming_the_key(launch, key):
+    raw = helpers.tiny_params()
+    raw["launch"] = launch
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        Params.from_dict(raw)
+
+
+def test_a_launch_section_that_is_no_mapping_is_a_config_error():
+    raw = helpers.tiny_params()
+    raw["launch"] = [2]
+    with pytest.raises(ConfigError, match="launch must be a mapping"):
+        Params.from_dict(raw)
+
+
+def test_processes_take_datm_ranks_over_params_and_cap_at_the_work(tmp_path, monkeypatch):
+    params = helpers.write_params(tmp_path, launch_params(evaluate=2, distill=4))
+    monkeypatch.delenv(common.RANKS_ENV, raising=False)
+    assert common.processes("evaluate", params) == 2
+    assert common.processes("buffers", params) == 1
+    assert common.processes("distill", params, most=lambda p: 3) == 3  # no idle process
+    monkeypatch.setenv(common.RANKS_ENV, "5")
+    assert common.processes("buffers", params) == 5
+    assert common.processes("evaluate", params, most=lambda p: p.evaluate.models) == 3
+    for bad in ("0", "-1", "x", "1.5"):
+        monkeypatch.setenv(common.RANKS_ENV, bad)
+        with pytest.raises(UserError, match=f"DATM_RANKS .*{bad!r}"):
+            common.processes("evaluate", params)
+
+
+def test_a_bad_distributed_timeout_is_a_user_error(monkeypatch):
+    monkeypatch.setenv(common.TIMEOUT_ENV, "soon")
+    with pytest.raises(UserError, match="DATM_DIST_TIMEOUT_S"):
+        common.dist_timeout()
+    monkeypatch.setenv(common.TIMEOUT_ENV, "2.5")
+    assert common.dist_timeout() == 2.5
+
+
+def test_datm_repro_ranks_sets_datm_ranks_for_dvc(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli import main as cli
+
+    seen: list[dict] = []
+    monkeypatch.setattr(cli.subprocess, "call",
+                        lambda cmd, cwd, env: seen.append(env) or 0)
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["repro", "--ranks", "3", "--root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert seen[-1][common.RANKS_ENV] == "3"
+    monkeypatch.delenv(common.RANKS_ENV, raising=False)
+    result = runner.invoke(cli.app, ["repro", "--root", str(tmp_path)])
+    assert result.exit_code == 0 and common.RANKS_ENV not in seen[-1]
+    assert runner.invoke(cli.app, ["repro", "--ranks", "0"]).exit_code == 2
+
+
+# --- stages as 2 processes against 1 --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A tiny project (data and ZCA, no experts); tests work on copies."""
+    root = tmp_path_factory.mktemp("launch") / "project"
+    helpers.tiny_project(root, launch_params(buffers=2, baseline=2, distill=2), experts=False)
+    return root
+
+
+def test_datm_ranks_zero_is_one_line_and_exit_2(project):
+    result = run_stage(stage("buffers"), project, DATM_RANKS="0")
+    assert result.returncode == 2, describe(result)
+    assert "Traceback" not in result.stdout + result.stderr, describe(result)
+    lines = error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "DATM_RANKS" in lines[0], lines
+    assert not (project / "artifacts" / "buffers").exists()
+
+
+def test_buffers_on_two_processes_write_the_one_process_bytes(project):
+    two, one = twin(project, "buffers2"), twin(project, "buffers1")
+    out2 = ok(run_stage(stage("buffers"), two))  # launch.buffers: 2
+    out1 = ok(run_stage(stage("buffers"), one, DATM_RANKS="1"))
+    # rank 0 trains experts 0 and 2 and alone prints; one process trains all three
+    assert "expert 1:" not in out2 and "expert 0:" in out2 and "expert 1:" in out1
+    assert out2.count("buffers: 3 experts") == 1
+    names = sorted(p.name for p in (one / "artifacts" / "buffers").iterdir())
+    assert len(names) == 3
+    assert names == sorted(p.name for p in (two / "artifacts" / "buffers").iterdir())
+    for name in names:
+        got = (two / "artifacts" / "buffers" / name).read_bytes()
+        assert got == (one / "artifacts" / "buffers" / name).read_bytes(), name
+    m2, m1 = (json.loads((p / "metrics" / "buffers.json").read_text()) for p in (two, one))
+    assert m2["expert_acc"] == m1["expert_acc"]
+    # rank 0 wrote the file with every expert's wall time, the other rank's too
+    assert [r["acc"] for r in m2["runs"]] == [r["acc"] for r in m1["runs"]]
+    assert all(r["seconds"] and r["seconds"] > 0 for r in m2["runs"]), m2
+    assert not list((two / "metrics").glob("*.tmp*")) and len(list((two / "metrics").iterdir())) == 1
+
+
+def test_baseline_on_two_processes_equals_one_process(project):
+    two, one = twin(project, "baseline2"), twin(project, "baseline1")
+    out2 = ok(run_stage(stage("evaluate", "--baseline", "2"), two))  # launch.baseline: 2
+    out1 = ok(run_stage(stage("evaluate", "--baseline", "2"), one, DATM_RANKS="1"))
+    assert "model 2/3" not in out2 and "model 3/3" in out2 and "model 2/3" in out1
+    got, expected = (json.loads((p / "metrics" / "baseline" / "ipc_2.json").read_text())
+                     for p in (two, one))
+    assert [r["acc"] for r in got["runs"]] == [r["acc"] for r in expected["runs"]]
+    assert got == expected
+
+
+def test_distill_on_two_processes_equals_one_process(project):
+    two = twin(project, "distill2")
+    pipeline.buffers(load_params(two / "params.yaml"), Paths(two))
+    one = twin(two, "distill1")
+    ok(run_stage(stage("distill", "--ipc", "2"), two))  # launch.distill: 2, recompute, instance
+    ok(run_stage(stage("distill", "--ipc", "2"), one, DATM_RANKS="1"))
+    result = "artifacts/distilled/ipc_2.safetensors"
+    (t2, meta2), (t1, meta1) = artifacts.load(two / result), artifacts.load(one / result)
+    assert meta2["iteration"] == meta1["iteration"] == 3
+    assert meta2["history_columns"] == meta1["history_columns"]
+    for name in ("images", "labels", "lr"):
+        torch.testing.assert_close(t2[name], t1[name], atol=1e-5, rtol=0, msg=name)
+    # the same draws and skip decisions: start epoch, upper bound, skipped
+    exact = [0, 2, 3, 5]
+    assert torch.equal(t2["history"][:, exact], t1["history"][:, exact])
+    assert not list((two / "checkpoints").glob("*.lock"))  # rank 0's IPC lock was let go
+
+
+# --- failures -------------------------------------------------------------------------------------
+
+def workers(proc: subprocess.Popen) -> dict[int, object]:
+    """The torchrun ranks under a stage process, by rank."""
+    import psutil
+
+    found = {}
+    try:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                env = child.environ()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if "RANK" in env and "stages." in " ".join(child.cmdline()):
+                found[int(env["RANK"])] = child
+    except psutil.NoSuchProcess:
+        pass
+    return found
+
+
+def start(args: list[str], cwd: Path, log: Path, **env: str) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                env=helpers.stage_env(**env))
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def slow_experts(root: Path) -> Path:
+    raw = launch_params(buffers=2)
+    raw["buffers"].update({"num_experts": 6, "epochs": 60, "batch": 16})
+    helpers.tiny_project(root, raw, experts=False, n_train=120)
+    return root
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_stage_and_a_rerun_resumes(tmp_path):
+    """SIGKILL to rank 1 once the first expert is on disk: the stage exits non-zero within a
+    bounded time (the others are stopped, or time out after DATM_DIST_TIMEOUT_S), the finished
+    experts stay as they are, and the same command finishes the rest: the one-process bytes."""
+    project = slow_experts(tmp_path / "killed")
+    reference = twin(project, "reference")
+    buffers = project / "artifacts" / "buffers"
+    log = tmp_path / "run.log"
+    proc = start(stage("buffers"), project, log, DATM_DIST_TIMEOUT_S="10")
+    try:
+        appeared = helpers.wait_for(lambda: any(buffers.glob("expert_*.safetensors")),
+                                    timeout=TIMEOUT, proc=proc)
+        assert appeared, log.read_text()
+        ranks = workers(proc)
+        assert sorted(ranks) == [0, 1], (ranks, log.read_text())
+        ranks[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        code = finish(proc, timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ended = time.monotonic() - killed
+    text = log.read_text()
+    assert code not in (0, None), text
+    assert ended < 60, (ended, text)
+    assert "killed by SIGKILL" in text and "again to resume" in text, text
+    kept = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in buffers.iterdir()
+            if p.name.startswith("expert_") and p.suffix == ".safetensors"}
+    assert 1 <= len(kept) < 6, sorted(kept)
+    ok(run_stage(stage("buffers"), project))  # the same command again, 2 processes
+    ok(run_stage(stage("buffers"), reference, DATM_RANKS="1"))
+    for name, (mtime, data) in kept.items():  # not trained again
+        assert (buffers / name).stat().st_mtime_ns == mtime and (buffers / name).read_bytes() == data
+    names = sorted(p.name for p in (reference / "artifacts" / "buffers").iterdir())
+    assert len(names) == 6 and names == sorted(p.name for p in buffers.iterdir())
+    for name in names:
+        assert (buffers / name).read_bytes() == \
+            (reference / "artifacts" / "buffers" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_two_processes_with_130_and_one_line(tmp_path):
+    project = slow_experts(tmp_path / "project")
+    buffers = project / "artifacts" / "buffers"
+    log = tmp_path / "run.log"
+    proc = start(stage("buffers"), project, log)
+    try:
+        appeared = helpers.wait_for(lambda: any(buffers.glob("expert_*.safetensors")),
+                                    timeout=TIMEOUT, proc=proc)
+        assert appeared, log.read_text()
+        proc.send_signal(signal.SIGINT)
+        code = finish(proc, timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert code == 130, text
+    assert "Traceback" not in text, text
+    lines = [line for line in text.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "again to resume" in lines[0], text
+    assert not workers(proc)
+
+
+@pytest.mark.slow
+def test_datm_commands_run_their_launch_count_under_torchrun(project):
+    """`datm baseline` with launch.baseline 2 runs the stage module as 2 processes."""
+    two, one = twin(project, "cli2"), twin(project, "cli1")
+    out2 = ok(helpers.datm("baseline", "--ipc", "1", cwd=two, env=helpers.stage_env(),
+                           timeout=TIMEOUT))
+    out1 = ok(helpers.datm("baseline", "--ipc", "1", cwd=one,
+                           env=helpers.stage_env(DATM_RANKS="1"), timeout=TIMEOUT))
+    assert "model 2/3" not in out2 and "model 2/3" in out1
+    got, expected = (yaml.safe_load((p / "metrics" / "baseline" / "ipc_1.json").read_text())
+                     for p in (two, one))
+    assert got == expected

@@ -468,9 +468,16 @@ def _evaluate_ipc(section: Any, distill: Any, seed: int) -> dict[int, dict]:
     base = {"seed": seed, **_without_table(section)}
     table = _ipc_table(section or {}, "evaluate.ipc")
     ipcs = (distill or {}).get("ipcs") or [] if isinstance(distill, dict) else []
-    unknown = sorted(set(table) - set(ipcs))
-    if unknown:
-        raise ConfigError(f"evaluate.ipc.{unknown[0]}: IPC {unknown[0]} is not in distill.ipcs")
+    # Every distilled IPC has an entry (maybe {}): DVC's baseline@N / evaluate@N depend on
+    # evaluate.ipc.<N> alone, so that one IPC's recipe change re-runs that IPC only, and DVC
+    # refuses a stage whose param key is missing. Entries of IPCs not distilled are kept, as
+    # distill.ipc's are (`dvc exp run -S distill.ipcs=[1,10]` needs no other edit).
+    missing = [i for i in ipcs if i not in table]
+    if missing:
+        raise ConfigError(
+            f"evaluate.ipc has no entry for IPC {missing[0]}: give every IPC of distill.ipcs "
+            f'one (\'"{missing[0]}": {{}}\' for the evaluate section as it is); DVC\'s '
+            f"evaluate@{missing[0]} depends on evaluate.ipc.{missing[0]}")
     fullset = sorted(k for own in table.values() for k in own if k.startswith("fullset_"))
     if fullset:
         raise ConfigError(f"evaluate.ipc: {fullset[0]} is the full-set run's, not an IPC's")

@@ -146,6 +146,7 @@ def tiny_params(name: str = "fashion_mnist", root: str = "standin", zca: bool = 
         2: {"syn_steps": 2, "expert_epochs": 1, "min_start_epoch": 0, "sg_start": 1,
             "max_start_epoch": 2, "sg_end": 2, "batch_syn": 10, "lr_img": 10, "lr_y": 2},
     }
+    params["evaluate"]["ipc"] = {1: {}, 2: {}}  # an entry per IPC, as dvc.yaml needs
     return params
 
 

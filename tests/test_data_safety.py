@@ -377,16 +377,18 @@ def test_a_random_real_baseline_never_comes_out_smaller_than_asked():
 
 def test_evaluation_settings_per_ipc_overlay_the_evaluate_section():
     raw = tiny_raw()
-    raw["evaluate"]["ipc"] = {"2": {"epochs": 7, "batch": 5}}
+    raw["evaluate"]["ipc"] = {"1": {}, "2": {"epochs": 7, "batch": 5}, "3": {"epochs": 9}}
     params = Params.from_dict(raw)
     assert (params.evaluation(2).epochs, params.evaluation(2).batch) == (7, 5)
-    assert params.evaluation(1) == params.evaluate  # no entry: the section as it is
-    raw["evaluate"]["ipc"] = {"3": {"epochs": 7}}
-    with pytest.raises(ConfigError, match="IPC 3 is not in distill.ipcs"):
+    assert params.evaluation(1) == params.evaluate  # an empty entry: the section as it is
+    # an IPC not distilled may keep its entry (`dvc exp run -S distill.ipcs=[1,2]`)
+    # every distilled IPC needs one: DVC's evaluate@N depends on evaluate.ipc.N
+    raw["evaluate"]["ipc"] = {"2": {"epochs": 7}}
+    with pytest.raises(ConfigError, match="evaluate.ipc has no entry for IPC 1"):
         Params.from_dict(raw)
-    raw["evaluate"]["ipc"] = {"2": {"fullset_epochs": 7}}
+    raw["evaluate"]["ipc"] = {"1": {}, "2": {"fullset_epochs": 7}}
     with pytest.raises(ConfigError, match="fullset_epochs is the full-set run's"):
         Params.from_dict(raw)
-    raw["evaluate"]["ipc"] = {"2": {"epochs": "x"}}
+    raw["evaluate"]["ipc"] = {"1": {}, "2": {"epochs": "x"}}
     with pytest.raises(ConfigError, match=r"evaluate\.ipc\.2\.epochs must be int"):
         Params.from_dict(raw)

@@ -22,7 +22,7 @@ from helpers import DVC, REPO, datm, describe, ran_stages
 
 ALL_STAGES = {"download", "zca", "buffers", "fullset", "baseline@1", "baseline@2", "distill@1",
               "distill@2", "evaluate@1", "evaluate@2", "crossarch@1", "crossarch@2", "summary"}
-CROSSARCH = {"crossarch@1", "crossarch@2"}  # they read the whole `evaluate` section
+CROSSARCH = {"crossarch@1", "crossarch@2"}  # the recipe of their IPC, and cross_archs
 
 
 # --- static checks (fast) ------------------------------------------------------------------------
@@ -278,14 +278,18 @@ def test_dvc_status_sees_exactly_the_changed_stage(e2e):
                               (("evaluate", "batch"), {"baseline@1", "baseline@2", "distill@1",
                                                        "distill@2", "evaluate@1", "evaluate@2",
                                                        *CROSSARCH}),
-                              # evaluate@N reads the `evaluate` section (and fullset.json)
-                              (("evaluate", "fullset_batch"),
-                               {"fullset", "evaluate@1", "evaluate@2", *CROSSARCH})):
+                              # the full-set run's own settings: its result reaches
+                              # evaluate@N through fullset.json, a dep
+                              (("evaluate", "fullset_batch"), "fullset"),
+                              # one IPC's evaluation recipe: that IPC's stages only
+                              (("evaluate", "ipc", 2, "epochs"),
+                               {"baseline@2", "distill@2", "evaluate@2",
+                                *(c for c in CROSSARCH if c.endswith("@2"))})):
             params = e2e.params()
             node = params
             for key in change[:-1]:
                 node = node[key]
-            node[change[-1]] = node[change[-1]] * 2
+            node[change[-1]] = node.get(change[-1], 3) * 2
             e2e.set_params(params)
             expected = stage if isinstance(stage, set) else {stage}
             assert set(_status(e2e)) == expected, change

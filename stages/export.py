@@ -26,9 +26,11 @@ def evaluate_folder(folder, params: str = "params.yaml", root: str = ".") -> dic
     with Tracker("evaluate", root, run_name=f"evaluate-from:{Path(folder).name}") as tracker, \
             common.progress_bar() as bar:
         tracker.params({"evaluate": asdict(p.evaluate), "from": str(folder)})
-        task = bar.add_task(f"evaluate {folder}", total=p.evaluate.epochs, info="")
+        # the total comes with the first epoch: the recipe is the card's IPC's (evaluate.ipc)
+        task = bar.add_task(f"evaluate {folder}", total=None, info="")
         summary = evaluate_export(p, pa, Path(folder),
                                   progress_events(tracker, bar, task, "exported"))
+        tracker.params({"recipe_epochs": summary["epochs"], "recipe_lr": summary["lr"]})
         tracker.metrics({"acc_mean": summary["acc_mean"], "acc_std": summary["acc_std"]}, 0)
     common.console.print(f"[green]evaluate {folder}:[/] {summary['acc_mean']:.4f} ± "
                          f"{summary['acc_std']:.4f} over {summary['models']} models")

@@ -152,10 +152,6 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
           preset: Annotated[str | None, typer.Option(
               help="first make presets/NAME.yaml the params.yaml (git keeps the old one)")] = None,
           force: Annotated[bool, typer.Option(help="re-run even if up to date")] = False,
-          ranks: Annotated[int | None, typer.Option(
-              min=1, help="processes per stage on this machine (DATM_RANKS): overrides "
-                          "params.yaml's launch section for every stage; the outputs are the "
-                          "same for any count, so no stage re-runs for it")] = None,
           root: RootOpt = Path(".")) -> None:
     """Run the pipeline with `dvc repro` (optionally on a paper preset)."""
     if preset:
@@ -173,8 +169,6 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
     common.console.print(f"[dim]$ {' '.join(cmd)}[/]")
     # dvc.yaml runs `python -m stages...`: make that the python datm runs in (the venv's).
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    if ranks is not None:
-        env[common.RANKS_ENV] = str(ranks)
     raise typer.Exit(subprocess.call(cmd, cwd=root, env=env))
 
 

@@ -6,8 +6,9 @@ A stage is `python -m stages.<name>` (DVC runs that) or `datm <name>` (the CLI c
 Scale-out (`start`): a stage whose count in params.yaml's `launch` section (or DATM_RANKS) is
 W > 1 runs as W processes of one torchrun launch on this machine; a process that torchrun
 started (by us, or by a user on several machines) is one rank of a torch.distributed group.
-Rank 0 alone writes metrics and results, logs to MLflow and prints; the outputs are the same
-for any W (datm/distributed.py says why).
+Rank 0 alone writes metrics and results, logs to MLflow and prints. The outputs are the same
+for any W at the same threads per process (datm/distributed.py says why); on a CPU W changes
+the threads per process, hence the rounding, so launch.<stage> is a DVC param of the stage.
 
 `python -m stages.common TORCHRUN-ARGS` is that launch: torchrun whose failures end as the
 failed rank's exit code (a user error 2, Ctrl-C 130) instead of torchrun's report and 1.
@@ -53,7 +54,7 @@ from datm.tracking import Tracker
 # soft_wrap: rich would otherwise wrap at 80 columns when stderr is a pipe (DVC, CI), turning
 # the one-line error into several.
 console = Console(stderr=True, soft_wrap=True)
-RANKS_ENV = "DATM_RANKS"             # processes per stage, for every stage (`datm repro --ranks`)
+RANKS_ENV = "DATM_RANKS"             # processes per stage, for stages run by hand (not DVC)
 TIMEOUT_ENV = "DATM_DIST_TIMEOUT_S"  # how long a rank waits for the others in a collective
 _rank = 0  # this process's rank when torchrun started it (its error lines say so)
 
@@ -186,6 +187,13 @@ def processes(launch: str, params: str | Path,
     p = load(params)
     raw = os.environ.get(RANKS_ENV, "").strip()
     if raw:
+        if os.environ.get("DVC_STAGE"):
+            # dvc.lock records launch.<stage> from params.yaml: on a CPU the threads per process
+            # (cores / processes) change the float rounding that training amplifies, so a
+            # layout DVC does not see would leave it a record of other bytes.
+            raise UserError(f"{RANKS_ENV} does not apply under DVC (stage "
+                            f"{os.environ['DVC_STAGE']}): set launch.{launch} in params.yaml, "
+                            f"which DVC tracks, and unset {RANKS_ENV}")
         try:
             world = int(raw)
         except ValueError:

@@ -124,22 +124,15 @@ def test_a_bad_distributed_timeout_is_a_user_error(monkeypatch):
     assert common.dist_timeout() == 2.5
 
 
-def test_datm_repro_ranks_sets_datm_ranks_for_dvc(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from cli import main as cli
-
-    seen: list[dict] = []
-    monkeypatch.setattr(cli.subprocess, "call",
-                        lambda cmd, cwd, env: seen.append(env) or 0)
-    runner = CliRunner()
-    result = runner.invoke(cli.app, ["repro", "--ranks", "3", "--root", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    assert seen[-1][common.RANKS_ENV] == "3"
-    monkeypatch.delenv(common.RANKS_ENV, raising=False)
-    result = runner.invoke(cli.app, ["repro", "--root", str(tmp_path)])
-    assert result.exit_code == 0 and common.RANKS_ENV not in seen[-1]
-    assert runner.invoke(cli.app, ["repro", "--ranks", "0"]).exit_code == 2
+def test_datm_ranks_is_refused_under_dvc(tmp_path, monkeypatch):
+    """dvc.lock records launch.<stage>; an override DVC cannot see would record other bytes."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(launch_params(baseline=2)))
+    monkeypatch.setenv(common.RANKS_ENV, "1")
+    assert common.processes("baseline", params) == 1  # by hand: the override holds
+    monkeypatch.setenv("DVC_STAGE", "baseline@1")
+    with pytest.raises(UserError, match="launch.baseline in params.yaml"):
+        common.processes("baseline", params)
 
 
 # --- stages as 2 processes against 1 --------------------------------------------------------------

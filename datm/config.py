@@ -221,7 +221,9 @@ class ExpertConfig:
 @dataclass(frozen=True)
 class LaunchConfig:
     """Processes per stage on this machine (`launch`): a stage given W > 1 re-runs itself under
-    torchrun (stages/common.py). Not a result setting: any W gives the same outputs."""
+    torchrun (stages/common.py). Any W gives the same outputs at the same threads per process,
+    but on a CPU W sets those threads (cores / W), which change float rounding: so each count
+    is a DVC param of its stage."""
 
     buffers: int = 1
     fullset: int = 1

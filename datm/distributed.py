@@ -140,7 +140,8 @@ def launched(env: Mapping[str, str] = os.environ) -> bool:
     return "RANK" in env and "WORLD_SIZE" in env
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The CPU cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -176,7 +177,7 @@ def init_from_env(device: torch.device | str = "cpu", backend: str | None = None
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if threads or "OMP_NUM_THREADS" not in env:
-        torch.set_num_threads(threads or max(1, _cores() // local_world))
+        torch.set_num_threads(threads or max(1, cores() // local_world))
     group = Group(rank, world, local_rank, local_world, device)
     if world > 1:
         dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"),

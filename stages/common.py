@@ -45,6 +45,7 @@ from datm.distributed import (
     SINGLE,
     DistributedError,
     Group,
+    cores,
     init_from_env,
     launched,
 )
@@ -276,13 +277,6 @@ def _as_rank(fn: Callable[[Group], object], params: str | Path) -> int:
         group.close()
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def torchrun(world: int, module: str, args: Sequence[str]) -> int:
     """`python -m module args` as `world` processes of one torchrun launch on this machine
     (`python -m stages.common`, a subprocess); its exit code.
@@ -293,7 +287,7 @@ def torchrun(world: int, module: str, args: Sequence[str]) -> int:
     (torchrun itself would give each one thread).
     """
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // world)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // world)))
     cmd = [sys.executable, "-m", "stages.common", "--standalone", f"--nproc_per_node={world}",
            "-m", module, *args]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)

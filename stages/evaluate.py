@@ -10,6 +10,8 @@ dealt out to W processes (model k on process k % W; the same accuracies as one).
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 
 from datm.config import Params
@@ -72,15 +74,23 @@ def run_fullset(params: str = "params.yaml", root: str = ".", group: Group = SIN
     return summary
 
 
-def run_baseline(ipc: int, params: str = "params.yaml", root: str = ".",
-                 group: Group = SINGLE) -> dict:
-    p, pa = common.load(params), common.paths(root)
-    with common.tracker("baseline", p, root, f"baseline@{ipc}", group) as tracker, \
+@contextmanager
+def _ipc_stage(stage: str, p: Params, root: str, ipc: int, group: Group, label: str,
+               prefix: str) -> Iterator[tuple[Tracker, object]]:
+    """The MLflow run and progress bar of `<stage>@<ipc>`: (tracker, the event callback)."""
+    with common.tracker(stage, p, root, f"{stage}@{ipc}", group) as tracker, \
             common.progress_bar() as bar:
         tracker.params({**common.settings(p, ipc), "ipc": ipc})
         tracker.tags({"ipc": str(ipc)})
-        task = bar.add_task(f"random real ipc {ipc}", total=p.evaluation(ipc).epochs, info="")
-        events = progress_events(tracker, bar, task, "random real")
+        task = bar.add_task(label, total=p.evaluation(ipc).epochs, info="")
+        yield tracker, progress_events(tracker, bar, task, prefix)
+
+
+def run_baseline(ipc: int, params: str = "params.yaml", root: str = ".",
+                 group: Group = SINGLE) -> dict:
+    p, pa = common.load(params), common.paths(root)
+    with _ipc_stage("baseline", p, root, ipc, group, f"random real ipc {ipc}",
+                    "random real") as (tracker, events):
         summary = baseline_ipc(p, pa, ipc, events, group=group)
         log_other_ranks(tracker, events, summary["runs"], group)
         tracker.metrics({"random_real": summary["random_real"],
@@ -93,12 +103,8 @@ def run_baseline(ipc: int, params: str = "params.yaml", root: str = ".",
 
 def run(ipc: int, params: str = "params.yaml", root: str = ".", group: Group = SINGLE) -> dict:
     p, pa = common.load(params), common.paths(root)
-    with common.tracker("evaluate", p, root, f"evaluate@{ipc}", group) as tracker, \
-            common.progress_bar() as bar:
-        tracker.params({**common.settings(p, ipc), "ipc": ipc})
-        tracker.tags({"ipc": str(ipc)})
-        task = bar.add_task(f"evaluate ipc {ipc}", total=p.evaluation(ipc).epochs, info="")
-        events = progress_events(tracker, bar, task, "")
+    with _ipc_stage("evaluate", p, root, ipc, group, f"evaluate ipc {ipc}",
+                    "") as (tracker, events):
         summary = evaluate_ipc(p, pa, ipc, events, group=group)
         log_other_ranks(tracker, events, summary["runs"], group)
         tracker.metrics({k: v for k, v in summary.items()
@@ -118,13 +124,8 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".", group: Group = S
 def run_crossarch(ipc: int, params: str = "params.yaml", root: str = ".",
                   group: Group = SINGLE) -> dict:
     p, pa = common.load(params), common.paths(root)
-    cfg = p.evaluation(ipc)
-    with common.tracker("crossarch", p, root, f"crossarch@{ipc}", group) as tracker, \
-            common.progress_bar() as bar:
-        tracker.params({**common.settings(p, ipc), "ipc": ipc})
-        tracker.tags({"ipc": str(ipc)})
-        task = bar.add_task(f"cross-architecture ipc {ipc}", total=cfg.epochs, info="")
-        events = progress_events(tracker, bar, task, "")
+    with _ipc_stage("crossarch", p, root, ipc, group, f"cross-architecture ipc {ipc}",
+                    "") as (tracker, events):
         summary = crossarch_ipc(p, pa, ipc, events, group=group)
         for row in summary["archs"]:
             log_other_ranks(tracker, events, row["runs"], group, per_arch=True)

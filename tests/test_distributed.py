@@ -356,7 +356,7 @@ def test_each_rank_gets_its_share_of_the_cores_unless_omp_num_threads_is_set():
     try:
         env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
         init_from_env(env=env)
-        assert torch.get_num_threads() == max(1, distributed._cores() // 2)
+        assert torch.get_num_threads() == max(1, distributed.cores() // 2)
         torch.set_num_threads(1)
         init_from_env(env={**env, "OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "1"})
         assert torch.get_num_threads() == 1  # the variable wins over the share

@@ -22,6 +22,15 @@ RootOpt = Annotated[Path, typer.Option("--root", help="project root (data/, arti
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 
 
+@app.callback()
+def _started() -> None:
+    # guarded ends the start-up hold (cli/__init__.py): a Ctrl-C that came while datm was
+    # starting is exit 130 and one line, before the command does anything
+    code = common.guarded(lambda: None)
+    if code:
+        raise typer.Exit(code)
+
+
 def _run(fn, stage: str | None = None, root: Path = Path(".")) -> None:
     """Run `fn` as `stage` by hand; afterwards warn if that changed outputs DVC tracks."""
     code = common.guarded(fn)

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import interrupts
 from .errors import UserError
 
 HEADER = "datm"  # the one safetensors metadata key: {"kind": ..., "meta": {...}} as JSON
@@ -55,7 +56,7 @@ def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str,
     header = {HEADER: json.dumps({"kind": kind, "meta": meta or {}}, sort_keys=True)}
     # safetensors refuses non-contiguous or shared storage; clone keeps callers' views untouched.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, interrupts.deferred():
         save_file(flat, str(tmp), metadata=header)
     return Path(path)
 
@@ -64,8 +65,10 @@ def _open(path: Path, kind: str | None):
     if not path.exists():
         raise ArtifactError(f"missing artifact: {path}")
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-        header = handle.metadata() or {}
+        # a Ctrl-C inside safetensors' reader would surface as another error: "corrupt"
+        with interrupts.deferred():
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            header = handle.metadata() or {}
     except Exception as exc:  # safetensors raises several types for a damaged header
         raise ArtifactError(f"corrupt artifact {path}: {exc}") from None
     try:
@@ -108,7 +111,8 @@ def load(path: str | os.PathLike, kind: str | None = None,
     try:
         names = keys if keys is not None else list(handle.keys())
         # clone: get_tensor may map the file, and a later rewrite of it must not change our copy
-        tensors = {k: handle.get_tensor(k).clone() for k in names}
+        with interrupts.deferred():  # see _open
+            tensors = {k: handle.get_tensor(k).clone() for k in names}
     except Exception as exc:
         raise ArtifactError(f"corrupt artifact {path}: {exc}") from None
     return tensors, meta
@@ -120,8 +124,9 @@ def load_rows(path: str | os.PathLike, key: str, rows: list[int],
     path = Path(path)
     handle, _ = _open(path, kind)
     try:
-        sl = handle.get_slice(key)
-        return torch.stack([sl[r:r + 1][0] for r in rows])
+        with interrupts.deferred():  # see _open
+            sl = handle.get_slice(key)
+            return torch.stack([sl[r:r + 1][0] for r in rows])
     except Exception as exc:
         raise ArtifactError(f"corrupt artifact {path}: {exc}") from None
 

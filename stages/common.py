@@ -39,6 +39,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from datm import interrupts
 from datm.config import Params, Paths, load_params
 from datm.distributed import (
     DEFAULT_TIMEOUT_S,
@@ -56,7 +57,9 @@ from datm.tracking import Tracker
 # the one-line error into several.
 console = Console(stderr=True, soft_wrap=True)
 RANKS_ENV = "DATM_RANKS"             # processes per stage, for stages run by hand (not DVC)
+OWN_LAUNCH_ENV = "DATM_OWN_LAUNCH"   # set for the ranks of `torchrun` below
 TIMEOUT_ENV = "DATM_DIST_TIMEOUT_S"  # how long a rank waits for the others in a collective
+INTERRUPTED = "[yellow]interrupted:[/] run the same command again to resume"
 _rank = 0  # this process's rank when torchrun started it (its error lines say so)
 
 
@@ -140,12 +143,14 @@ def dvc_tracked_warning(root: str | Path, stage: str) -> str | None:
             "overwrite it without --force")
 
 
-def guarded(fn: Callable[[], object]) -> int:
-    """Run a stage: user errors print one line and exit 2; Ctrl-C exits 130 (resume later).
+def guarded(fn: Callable[[], object], announce: bool = True) -> int:
+    """Run a stage: user errors print one line and exit 2; Ctrl-C exits 130 (resume later),
+    saying so unless not `announce` (another process says it).
 
     DATM_DEBUG=1 shows the traceback instead.
     """
     try:
+        interrupts.release()  # a Ctrl-C held since this process started (stages/__init__.py)
         fn()
     except UserError as exc:
         if os.environ.get("DATM_DEBUG"):
@@ -158,7 +163,8 @@ def guarded(fn: Callable[[], object]) -> int:
             console.print(f"[bold red]error:[/] {message}", highlight=False)
         return 2
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted:[/] run the same command again to resume")
+        if announce:
+            console.print(INTERRUPTED)
         return 130
     return 0
 
@@ -261,7 +267,11 @@ def _as_rank(fn: Callable[[Group], object], params: str | Path) -> int:
         nonlocal group
         device, timeout_s = load(params).torch_device(), dist_timeout()
         try:
-            group = init_from_env(device, timeout_s=timeout_s)
+            # Connecting waits in gloo's C++ for every peer, even one a Ctrl-C already ended,
+            # and Python cannot raise there: a Ctrl-C ends this process at once instead (it
+            # has written nothing yet), not after torchrun's 30 s grace.
+            with interrupts.fatal():
+                group = init_from_env(device, timeout_s=timeout_s)
             fn(group)
         except RuntimeError as exc:  # a peer died or hung: one line, not a traceback
             if not (isinstance(exc, torch_dist.DistError) or "gloo" in str(exc)):
@@ -272,7 +282,9 @@ def _as_rank(fn: Callable[[Group], object], params: str | Path) -> int:
                 "same command again to resume") from None
 
     try:
-        return guarded(go)
+        # Under datm's own launch (`torchrun`) the stage process that started it says
+        # "interrupted", once, however the ranks ended.
+        return guarded(go, announce=not os.environ.get(OWN_LAUNCH_ENV))
     finally:
         group.close()
 
@@ -286,11 +298,10 @@ def torchrun(world: int, module: str, args: Sequence[str]) -> int:
     Each process gets an equal share of the cores unless OMP_NUM_THREADS says otherwise
     (torchrun itself would give each one thread).
     """
-    env = dict(os.environ)
+    env = dict(os.environ, **{OWN_LAUNCH_ENV: "1"})
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // world)))
     cmd = [sys.executable, "-m", "stages.common", "--standalone", f"--nproc_per_node={world}",
            "-m", module, *args]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def forward(signum: int, _frame) -> None:
         try:
@@ -299,17 +310,24 @@ def torchrun(world: int, module: str, args: Sequence[str]) -> int:
             pass
 
     previous = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, forward)
-    except ValueError:  # not the main thread: signals reach only the main thread's handlers
-        pass
+    # Started with Ctrl-C blocked, the launch holds one until it can take it (stages/__init__.py),
+    # and this process hands one on only once `forward` is in place.
+    with interrupts.blocked():
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, forward)
+        except ValueError:  # not the main thread: signals reach only the main thread's handlers
+            pass
     try:
         code = proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 128 - code if code < 0 else code
+    code = 128 - code if code < 0 else code
+    if code == 130:  # Ctrl-C, wherever the launch or its ranks were (they keep quiet about it)
+        console.print(INTERRUPTED)
+    return code
 
 
 def _launch(argv: list[str]) -> int:
@@ -334,9 +352,12 @@ def _launch(argv: list[str]) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
     try:
+        interrupts.release()  # a Ctrl-C held since this process started (stages/__init__.py)
         torch_run.run(torch_run.parse_args(argv))
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
+        if failure.exitcode == -signal.SIGINT:  # Ctrl-C (interrupts.fatal): `torchrun` says so
+            return 130
         if failure.exitcode >= 0:
             return failure.exitcode
         try:
@@ -349,6 +370,8 @@ def _launch(argv: list[str]) -> int:
         return 128 - failure.exitcode
     except SignalException as exc:  # Ctrl-C or a kill: torchrun handed it to the ranks
         return 128 + int(exc.sigval)
+    except KeyboardInterrupt:  # Ctrl-C before torchrun took over the signals: no rank yet
+        return 130  # `torchrun`, which started this process, says so
     return 0
 
 

@@ -283,6 +283,22 @@ def stage_env(**extra: str) -> dict:
     return base_env(PYTHONPATH=str(REPO), **extra)
 
 
+def start(args: list[str], cwd: Path, log: Path, **env: str) -> subprocess.Popen:
+    """A background stage process (`stage_env`) writing stdout and stderr to `log` (no pipe to
+    fill up). It takes SIGINT as a foreground command takes Ctrl-C even when the tests run as a
+    background job: its shell started them with SIGINT ignored, which a child inherits, and a
+    Python started so installs no KeyboardInterrupt handler."""
+    with open(log, "w") as out:
+        return subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                env=stage_env(**env), preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None,
              every: float = 0.02) -> bool:
     """Poll `predicate` until it holds (True), `timeout` passes or `proc` ends (False)."""

@@ -20,7 +20,7 @@ import helpers
 import numpy as np
 import pytest
 import yaml
-from helpers import DATM, DVC, describe, error_lines
+from helpers import DATM, DVC, describe, error_lines, start
 
 from datm import artifacts, data
 
@@ -39,13 +39,6 @@ def distill_params(iterations: int, **defaults) -> dict:
     raw["distill"]["defaults"].update({"iterations": iterations, "checkpoint_every": 1,
                                        **defaults})
     return raw
-
-
-def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    """A background process writing stdout and stderr to `log` (no pipe to fill up)."""
-    with open(log, "w") as out:
-        return subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                env=helpers.stage_env())
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 60) -> tuple[int, str]:

@@ -20,7 +20,7 @@ import helpers
 import pytest
 import torch
 import yaml
-from helpers import describe, error_lines
+from helpers import describe, error_lines, start
 
 from datm import artifacts, pipeline
 from datm.config import ConfigError, LaunchConfig, Params, Paths, load_params
@@ -222,12 +222,6 @@ def workers(proc: subprocess.Popen) -> dict[int, object]:
     except psutil.NoSuchProcess:
         pass
     return found
-
-
-def start(args: list[str], cwd: Path, log: Path, **env: str) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                env=helpers.stage_env(**env))
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> int:

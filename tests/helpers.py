@@ -290,13 +290,24 @@ def start(args: list[str], cwd: Path, log: Path, **env: str) -> subprocess.Popen
     Python started so installs no KeyboardInterrupt handler."""
     with open(log, "w") as out:
         return subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                env=stage_env(**env), preexec_fn=_default_sigint)
+                                env=stage_env(**env), preexec_fn=default_sigint)
 
 
-def _default_sigint() -> None:
+def default_sigint() -> None:
+    """SIGINT at its default action (for a child's preexec_fn): see `start`."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> int:
+    """`proc`'s exit code; killed (and waited for) if it has not ended within `timeout`."""
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None,

@@ -42,13 +42,7 @@ def distill_params(iterations: int, **defaults) -> dict:
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 60) -> tuple[int, str]:
-    try:
-        code = proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return code, log.read_text()
+    return helpers.finish(proc, timeout), log.read_text()
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:

@@ -20,7 +20,7 @@ import helpers
 import pytest
 import torch
 import yaml
-from helpers import describe, error_lines, start
+from helpers import describe, error_lines, finish, start
 
 from datm import artifacts, pipeline
 from datm.config import ConfigError, LaunchConfig, Params, Paths, load_params
@@ -222,15 +222,6 @@ def workers(proc: subprocess.Popen) -> dict[int, object]:
     except psutil.NoSuchProcess:
         pass
     return found
-
-
-def finish(proc: subprocess.Popen, timeout: float) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def slow_experts(root: Path) -> Path:

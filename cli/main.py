@@ -22,8 +22,29 @@ RootOpt = Annotated[Path, typer.Option("--root", help="project root (data/, arti
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib import metadata
+
+        import torch
+
+        versions = {name: _installed(metadata, name) for name in ("torchvision", "dvc", "mlflow")}
+        typer.echo(f"datm {_installed(metadata, 'datm')} (torch {torch.__version__}, "
+                   + ", ".join(f"{k} {v}" for k, v in versions.items()) + ")")
+        raise typer.Exit()
+
+
+def _installed(metadata, name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 @app.callback()
-def _started() -> None:
+def _started(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="print datm's version and those of torch, torchvision, dvc, mlflow")] = False) -> None:
     # guarded ends the start-up hold (cli/__init__.py): a Ctrl-C that came while datm was
     # starting is exit 130 and one line, before the command does anything
     code = common.guarded(lambda: None)
@@ -45,7 +66,7 @@ def _warn_tracked(stage: str | None, root: Path) -> None:
         common.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
-def _start(start, stage: str, root: Path) -> None:
+def _start(start, stage: str | None, root: Path) -> None:
     """Run a stage by hand as the processes params.yaml's launch section (or DATM_RANKS) asks
     for: `start()` runs one in this process, several as `python -m stages...` under torchrun
     (stages/common.py); then warn as `_run` does."""
@@ -73,8 +94,10 @@ def zca(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> N
 
 @app.command()
 def buffers(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Train the expert trajectories; resumes at the next unfinished expert (stage: buffers).
-    Runs as params.yaml's launch.buffers processes (DATM_RANKS overrides)."""
+    """Train the expert trajectories, the full-set reference (stage: buffers).
+
+    Resumes at the next unfinished expert. Runs as params.yaml's launch.buffers processes
+    (DATM_RANKS overrides)."""
     from stages import buffers as stage
 
     _start(lambda: stage.start(str(params), str(root)), "buffers", root)
@@ -84,28 +107,22 @@ def buffers(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) 
 def distill(ipc: Annotated[int, typer.Option(help="images per class")],
             fresh: Annotated[bool, typer.Option(help="ignore an existing checkpoint")] = False,
             params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Distill one IPC; resumes from its checkpoint after a kill (stage: distill@IPC).
-    Runs as params.yaml's launch.distill processes (DATM_RANKS overrides)."""
+    """Distill one IPC (stage: distill@IPC).
+
+    Resumes from its checkpoint after a kill or Ctrl-C. Runs as params.yaml's launch.distill
+    processes (DATM_RANKS overrides)."""
     from stages import distill as stage
 
     _start(lambda: stage.start(ipc, str(params), str(root), fresh), f"distill@{ipc}", root)
 
 
 @app.command()
-def fullset(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Accuracy of the evaluation network on the full real training set (stage: fullset).
-    Runs as params.yaml's launch.fullset processes (DATM_RANKS overrides)."""
-    from stages import evaluate as stage
-
-    _start(lambda: stage.start("fullset", None, str(params), str(root)), "fullset", root)
-
-
-@app.command()
 def baseline(ipc: Annotated[int, typer.Option(help="images per class")],
              params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Accuracy of fresh networks on a random real subset of IPC images per class, the
-    baseline `datm evaluate --ipc` reports beside the distilled set (stage: baseline@IPC).
-    Runs as params.yaml's launch.baseline processes (DATM_RANKS overrides)."""
+    """Train fresh networks on a random real subset of IPC images per class (stage: baseline@IPC).
+
+    The baseline `datm evaluate --ipc` reports beside the distilled set. Runs as params.yaml's
+    launch.baseline processes (DATM_RANKS overrides)."""
     from stages import evaluate as stage
 
     _start(lambda: stage.start("baseline", ipc, str(params), str(root)), f"baseline@{ipc}",
@@ -115,23 +132,69 @@ def baseline(ipc: Annotated[int, typer.Option(help="images per class")],
 @app.command()
 def evaluate(ipc: Annotated[int | None, typer.Option(help="evaluate this distilled IPC")] = None,
              from_: Annotated[Path | None, typer.Option(
-                 "--from", help="evaluate an exported set (a folder from `datm export`)")] = None,
+                 "--from", help="evaluate a set from a folder: a datm export, a DATM / MTT set "
+                 "(images_best.pt, labels_best.pt, lr_best.pt) or an image folder (one "
+                 "subfolder per class, hard labels)")] = None,
+             zca: Annotated[bool | None, typer.Option(
+                 "--zca/--no-zca", help="--from: whiten the set's pixels and the test split "
+                 "with the run's ZCA, or normalize them per channel (default: as the run "
+                 "does)")] = None,
+             lr: Annotated[float | None, typer.Option(
+                 help="--from: train at this lr (default: the learned lr by the pipeline's "
+                 "rule; evaluate.random_lr for hard labels)")] = None,
+             record: Annotated[bool, typer.Option(
+                 help="--from a datm export: write the measured accuracy into its card")] = False,
              params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Train fresh networks on a distilled set and report test accuracy (stage: evaluate@IPC).
-    --ipc runs as params.yaml's launch.evaluate processes (DATM_RANKS overrides); --from runs
-    in one process."""
+    """Train fresh networks on a set and report its test accuracy (stage: evaluate@IPC).
+
+    --ipc N: the distilled set of IPC N, beside its random real baseline and the full set.
+    --from DIR: any set in a folder (a datm export, DATM / MTT .pt files, an image folder),
+    with the recipe printed first. Both run as params.yaml's launch.evaluate processes
+    (DATM_RANKS overrides)."""
     from stages import evaluate as stage
 
     if (ipc is None) == (from_ is None):
         common.console.print("[bold red]error:[/] pass exactly one of --ipc N or --from DIR")
         raise typer.Exit(2)
     if ipc is not None:
+        if zca is not None or lr is not None or record:
+            common.console.print("[bold red]error:[/] --zca, --lr and --record go with --from")
+            raise typer.Exit(2)
         _start(lambda: stage.start("evaluate", ipc, str(params), str(root)), f"evaluate@{ipc}",
                root)
     else:
+        from datm.steps.export import FromOptions
         from stages import export as from_stage
 
-        _run(lambda: from_stage.evaluate_folder(from_, str(params), str(root)))
+        _start(lambda: from_stage.start_from(from_, FromOptions(zca, lr), record, str(params),
+                                             str(root)), None, root)
+
+
+@app.command()
+def crossarch(ipc: Annotated[int, typer.Option(help="images per class")],
+              params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Train the distilled set on other architectures (stage: crossarch@IPC).
+
+    The distilled set and a random real subset of the same size, each on every architecture of
+    evaluate.cross_archs (the IPCs of evaluate.cross_ipcs have the stage). Runs as
+    params.yaml's launch.crossarch processes."""
+    from stages import evaluate as stage
+
+    _start(lambda: stage.start("crossarch", ipc, str(params), str(root)), f"crossarch@{ipc}",
+           root)
+
+
+@app.command()
+def decompose(ipc: Annotated[int, typer.Option(help="images per class")],
+              params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Say where the IPC's gain comes from, images or labels (stage: decompose@IPC).
+
+    Trains the distilled images with hard labels and random real images with the experts'
+    soft labels, beside evaluate@IPC and baseline@IPC (the IPCs of evaluate.decompose_ipcs have
+    the stage). Runs as params.yaml's launch.decompose processes."""
+    from stages import decompose as stage
+
+    _start(lambda: stage.start(ipc, str(params), str(root)), f"decompose@{ipc}", root)
 
 
 @app.command()
@@ -146,14 +209,76 @@ def summary(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) 
 def export(ipc: Annotated[int, typer.Option(help="which distilled IPC")],
            out: Annotated[Path, typer.Option(help="output folder")],
            format: Annotated[str, typer.Option(
-               "--format", "-f", help="safetensors | pt | npz | png")] = "safetensors",
+               "--format", "-f", help="safetensors | pt | npz (lossless: the network inputs "
+               "exactly, and the unclipped pixels) | png (8 bits per image)")] = "safetensors",
            force: Annotated[bool, typer.Option(help="overwrite a non-empty --out")] = False,
+           measure: Annotated[bool, typer.Option(
+               help="png: train the recipe on the written PNGs and put their accuracy on the "
+               "card (else it says 'not measured')")] = True,
            params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Write a distilled set in pixel space with soft labels, lr, its ZCA, a dataset card with
-    the training recipe, and train.py (plain PyTorch) that trains on it by that recipe."""
+    """Write a distilled set to a folder, with a card and reproduce.py.
+
+    With its soft labels, learned lr and ZCA, a dataset card (dataset_card.json and README.md:
+    the recipe, and the accuracy of exactly the exported files) and reproduce.py, plain
+    PyTorch that trains on it by that recipe. safetensors / pt / npz are lossless; png is 8
+    bits per image, measured after writing unless --no-measure."""
     from stages import export as stage
 
     _run(lambda: stage.export(ipc, format, out, force, str(root), str(params)))
+    if format == "png" and measure:
+        _start(lambda: stage.start_from(out, record=True, params=str(params), root=str(root)),
+               None, root)
+
+
+def _check_replaceable(params: Path, source: Path) -> None:
+    """`--preset` overwrites params.yaml: only when git can give the current one back."""
+    from datm.errors import UserError
+
+    if not params.is_file() or params.read_bytes() == source.read_bytes():
+        return
+    git = ["git", "-C", str(params.parent)]
+    tracked = subprocess.run([*git, "ls-files", "--error-unmatch", params.name],
+                             capture_output=True).returncode == 0
+    changed = subprocess.run([*git, "status", "--porcelain", "--", params.name],
+                             capture_output=True, text=True).stdout.strip()
+    if not tracked or changed:
+        why = "has uncommitted changes" if tracked else "is not committed to git"
+        raise UserError(f"{params} {why}: --preset would overwrite it; commit it (or `git "
+                        "stash`) first, or copy the preset by hand")
+
+
+@app.command()
+def init(dataset: Annotated[str, typer.Argument(
+             help="an image folder (one subfolder per class, optionally under train/ and "
+             "test/) or a torchvision dataset: fashion_mnist, cifar10, cifar100, tiny_imagenet")],
+         folder: Annotated[Path, typer.Option("--dir", help="the new project's folder (empty)")]
+         = Path("."),
+         gpu: Annotated[bool | None, typer.Option(
+             "--gpu/--cpu", help="size the profile for a GPU or a CPU (default: whether this "
+             "machine has a CUDA GPU)")] = None) -> None:
+    """Set up a datm project for your own dataset in an empty folder.
+
+    Looks at the data, chooses and explains every setting (params.yaml), writes dvc.yaml and
+    initialises git and DVC, so that `dvc repro` runs as it is (docs/OWN_DATA.md)."""
+    from cli import init as project
+
+    def go() -> None:
+        data, choices = project.create(folder, dataset, gpu)
+        out = common.console
+        what = data.root if data.name == "imagefolder" else data.name
+        out.print(f"[green]datm project[/] in {folder.resolve()} for {what}: "
+                  f"{len(data.classes)} classes, {data.train_images} training images "
+                  f"({min(data.per_class)}-{max(data.per_class)} per class), "
+                  f"{data.channels} channel(s), {data.side} px", highlight=False)
+        for note in data.notes:
+            out.print(f"  {note}", highlight=False)
+        for c in choices:
+            out.print(f"  {c.key} = {c.value}: {c.why}", highlight=False)
+        out.print("Next: `dvc repro` (or `datm repro`) there; `git add . && git commit` first "
+                  "to compare experiments (`dvc exp run`). docs/OWN_DATA.md walks through it.",
+                  highlight=False)
+
+    _run(go)
 
 
 @app.command()
@@ -169,7 +294,9 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
             names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml"))) or "none"
             common.console.print(f"[bold red]error:[/] no preset '{preset}' (presets: {names})")
             raise typer.Exit(2)
-        _run(lambda: common.load(str(source)))  # validate before touching params.yaml
+        # validate before touching params.yaml: its settings, and its device on this machine
+        _run(lambda: common.load(str(source)).torch_device())
+        _run(lambda: _check_replaceable(root / "params.yaml", source))
         shutil.copyfile(source, root / "params.yaml")
         common.console.print(f"params.yaml is now preset '{preset}' "
                              "(`git checkout params.yaml` restores the default profile)")
@@ -269,8 +396,9 @@ def plots(revisions: Annotated[list[str] | None, typer.Argument(
           out: Annotated[Path, typer.Option("--out", "-o", help="folder of the page")]
           = Path("dvc_plots"),
           root: RootOpt = Path(".")) -> None:
-    """Accuracy vs IPC and the matching loss per IPC as one HTML page that renders offline
-    (`dvc plots show`/`diff` with the vega scripts from .plots/ instead of a CDN)."""
+    """Draw accuracy vs IPC and each IPC's matching loss as an HTML page that works offline.
+
+    `dvc plots show` / `dvc plots diff` with the vega scripts from .plots/ instead of a CDN."""
     import tempfile
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
@@ -301,8 +429,9 @@ def _dvc_changed(root: Path) -> set[str] | None:
 
 @app.command()
 def status(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Which artifacts exist, how far the expert buffer and each distillation are, and which
-    DVC would re-run (`dvc status`). The table goes to stdout."""
+    """Show which artifacts exist and what `dvc status` would re-run.
+
+    How far the expert buffer and each distillation are; the table goes to stdout."""
     from rich.console import Console
     from rich.table import Table
 
@@ -328,10 +457,10 @@ def status(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -
             row(name, "download", path, ok(path))
         row("zca", "zca", pa.zca, ok(pa.zca))
         buf = pipeline.buffer_status(pa)
-        acc = f", mean test acc {buf['mean_test_acc']:.4f}" if buf["mean_test_acc"] else ""
+        acc = (f", mean test acc {buf['mean_test_acc']:.4f} (the full-set reference)"
+               if buf["mean_test_acc"] else "")
         row("experts", "buffers", pa.buffers,
             f"{buf['experts']}/{p.buffers.num_experts}{acc}")
-        row("fullset", "fullset", pa.fullset, ok(pa.fullset))
         for ipc in p.ipcs:
             cfg = p.distill(ipc)
             if pa.distilled(ipc).is_file():
@@ -349,6 +478,12 @@ def status(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -
                 ok(baseline_path(pa, ipc)))
             row(f"evaluated ipc {ipc}", f"evaluate@{ipc}", pa.evaluation(ipc),
                 ok(pa.evaluation(ipc)))
+            if ipc in p.cross_ipcs:
+                row(f"crossarch ipc {ipc}", f"crossarch@{ipc}", pa.crossarch(ipc),
+                    ok(pa.crossarch(ipc)))
+            if ipc in p.decompose_ipcs:
+                row(f"decompose ipc {ipc}", f"decompose@{ipc}", pa.decompose(ipc),
+                    ok(pa.decompose(ipc)))
         report = pa.reports / "summary.md"
         row("summary", "summary", report, ok(report))
         if changed is not None:

@@ -88,10 +88,14 @@ def content_digest(path: str | os.PathLike, meta_keys: tuple[str, ...] = ()) -> 
     so a rewrite with equal content (or other bookkeeping metadata) changes nothing downstream.
     """
     tensors, meta = load(path)
-    digest = hashlib.sha256(json.dumps({k: meta.get(k) for k in meta_keys},
-                                       sort_keys=True).encode())
+    return tensor_digest(tensors, json.dumps({k: meta.get(k) for k in meta_keys}, sort_keys=True))
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
+    """sha256 of tensors by name, dtype, shape and values (and of `extra`)."""
+    digest = hashlib.sha256(extra.encode())
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
+        t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
         digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()

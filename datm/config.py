@@ -30,7 +30,17 @@ NORMS = ("instance", "batch", "none")
 MODELS = ("convnet", "resnet18")
 MODES = ("recompute", "unroll")
 PRECISIONS = ("float32", "tf32", "bf16")
-SECTIONS = ("data", "zca", "net", "augment", "buffers", "distill", "evaluate")
+SCHEDULES = ("constant", "cosine")
+MAX_LR = 10.0  # an SGD lr above this diverges on any network here: a typo, not a setting
+MAX_SEED = 2**40  # seeds derived from it (expert k: seed x 100003 + k) stay in torch's 64 bits
+WINDOWS = ("manual", "auto")
+_EXPERTS_ARE_FULLSET = ("the experts train on the full set to convergence and are the full-set "
+                        "reference (buffers.epochs, buffers.schedule); delete this key")
+# Settings of earlier versions, and what replaced them: an old params file gets the reason.
+REMOVED = {**{f"evaluate.fullset_{k}": _EXPERTS_ARE_FULLSET
+              for k in ("epochs", "lr", "batch", "models")},
+           "launch.fullset": _EXPERTS_ARE_FULLSET}
+SECTIONS = ("data", "zca", "net", "augment", "buffers", "distill", "evaluate", "launch")
 
 
 class ConfigError(UserError, ValueError):
@@ -55,6 +65,15 @@ class AugConfig:
         unknown = set(self.families) - set(FAMILIES)
         if unknown:
             raise ValueError(f"unknown augmentation family {sorted(unknown)}; choose from {FAMILIES}")
+        _check_ranges("augment", [
+            (self.scale >= 1, f"scale must be >= 1 (images scaled within [1/scale, scale]), "
+                              f"got {self.scale}"),
+            (0 <= self.crop < 1, f"crop must lie in [0, 1) (a share of the side), got {self.crop}"),
+            (0 <= self.cutout <= 1, f"cutout must lie in [0, 1], got {self.cutout}"),
+            (0 <= self.rotate <= 180, f"rotate must lie in [0, 180] degrees, got {self.rotate}"),
+            (min(self.brightness, self.saturation, self.contrast) >= 0,
+             "brightness, saturation and contrast must be >= 0"),
+        ])
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -85,6 +104,9 @@ class DistillConfig:
     """One IPC's settings; names: docs/METHOD.md, "Settings and the paper's symbols"."""
 
     ipc: int
+    # manual: the window below (T-, T, T+); auto: chosen from the experts' training curve and
+    # the IPC's share of the training set when the distillation starts (datm/windows.py)
+    window: str = "manual"
     syn_steps: int = 20               # N
     expert_epochs: int = 2            # M
     min_start_epoch: int = 0          # T-
@@ -95,7 +117,7 @@ class DistillConfig:
     lr_img: float = 100.0
     lr_y: float = 2.0
     lr_lr: float = 1e-5
-    lr_init: float = 0.0              # 0: the experts' lr
+    lr_init: float = 0.0              # 0: the experts' mean lr over the epochs the window reads
     iterations: int = 100
     threshold: float = 1.0
     init: str = "real_correct"
@@ -120,6 +142,13 @@ class DistillConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.ipc >= 1, "ipc must be >= 1"),
+            (self.batch_syn >= 0, "batch_syn must be >= 0 (0: the whole set each step)"),
+            (min(self.lr_img, self.lr_y, self.lr_lr) >= 0 and self.lr_init >= 0,
+             "lr_img, lr_y, lr_lr and lr_init must be >= 0"),
+            (self.threshold > 0, "threshold must be > 0"),
+            (self.grid_every >= 1 and self.max_nonfinite >= 1,
+             "grid_every and max_nonfinite must be >= 1"),
+            (self.window in WINDOWS, f"window must be one of {WINDOWS}"),
             (self.syn_steps >= 1 and self.expert_epochs >= 1, "syn_steps and expert_epochs must be >= 1"),
             (0 <= self.min_start_epoch < self.max_start_epoch,
              f"need 0 <= T- ({self.min_start_epoch}) < T+ ({self.max_start_epoch})"),
@@ -163,7 +192,7 @@ class DistillConfig:
 class EvalConfig:
     models: int = 5               # fresh networks per set; mean and std are over these
     epochs: int = 1000
-    batch: int = 256              # of the distilled and random sets (the full set: fullset_batch)
+    batch: int = 256              # of the distilled and random sets
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr: float = 0.0               # 0: the distilled set's learned lr (times lr_scale)
@@ -174,18 +203,22 @@ class EvalConfig:
     # evaluated on: the cross-architecture table (crossarch@<ipc>); empty: none.
     cross_archs: tuple[str, ...] = ()
     augment: bool = True
-    fullset_epochs: int = 30
-    fullset_lr: float = 0.01
-    fullset_batch: int = 256
-    fullset_models: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
         for arch in (self.arch, *self.cross_archs):
             if arch not in ARCHS:
                 raise ValueError(f"arch must be one of {ARCHS}, got '{arch}'")
-        if min(self.models, self.epochs, self.batch, self.fullset_batch) < 1:
-            raise ValueError("models, epochs, batch and fullset_batch must be >= 1")
+        if min(self.models, self.epochs, self.batch) < 1:
+            raise ValueError("models, epochs and batch must be >= 1")
+        _check_ranges("evaluate", [
+            (0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.lr <= MAX_LR, f"lr must lie in [0, {MAX_LR}] (0: the learned lr x "
+                                     f"lr_scale), got {self.lr}"),
+            (0 < self.lr_scale <= MAX_LR and 0 < self.random_lr <= MAX_LR,
+             f"lr_scale and random_lr must lie in (0, {MAX_LR}]"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -196,6 +229,9 @@ class ExpertConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     batch: int = 256
+    # The experts' lr per epoch: constant (the reference's experts) or cosine, lr * (1 + cos(pi
+    # e / epochs)) / 2 in epoch e, which converges in a few epochs (docs/METHOD.md, "Experts")
+    schedule: str = "constant"
     # Flat-minimum experts by GSAM (flat_minimum.py); rho 0 = plain SGD (the MTT baseline).
     # The presets use the DATM reference values: rho 0.01, alpha 0.3, adaptive true.
     rho: float = 0.0          # perturbation radius
@@ -207,8 +243,13 @@ class ExpertConfig:
     def __post_init__(self) -> None:
         if self.num_experts < 1 or self.epochs < 1 or self.batch < 1 or self.group < 1:
             raise ValueError("buffers: num_experts, epochs, batch and group must be >= 1")
-        if self.lr <= 0:
-            raise ValueError("buffers: lr must be > 0")
+        _check_ranges("buffers", [
+            (0 < self.lr <= MAX_LR, f"lr must lie in (0, {MAX_LR}], got {self.lr}"),
+            (0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+        ])
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"buffers.schedule must be one of {SCHEDULES}, got '{self.schedule}'")
         if self.rho < 0:
             raise ValueError(f"buffers.rho must be >= 0 (0: plain SGD), got {self.rho}")
         if self.alpha < 0:
@@ -216,6 +257,12 @@ class ExpertConfig:
                              f"got {self.alpha}")
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"buffers.adaptive must be true or false, got {self.adaptive!r}")
+
+    def epoch_lr(self, epoch: int) -> float:
+        """The lr of (0-based) epoch `epoch` under `schedule`."""
+        if self.schedule == "cosine":
+            return self.lr * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
+        return self.lr
 
 
 @dataclass(frozen=True)
@@ -226,11 +273,11 @@ class LaunchConfig:
     is a DVC param of its stage."""
 
     buffers: int = 1
-    fullset: int = 1
     baseline: int = 1
     distill: int = 1
     evaluate: int = 1
     crossarch: int = 1
+    decompose: int = 1
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -291,15 +338,14 @@ class Paths:
     def checkpoint(self, ipc: int) -> Path:
         return self.root / "checkpoints" / f"distill_ipc_{ipc}.safetensors"
 
-    @property
-    def fullset(self) -> Path:
-        return self.root / "metrics" / "fullset.json"
-
     def evaluation(self, ipc: int) -> Path:
         return self.root / "metrics" / "evaluate" / f"ipc_{ipc}.json"
 
     def crossarch(self, ipc: int) -> Path:
         return self.root / "metrics" / "crossarch" / f"ipc_{ipc}.json"
+
+    def decompose(self, ipc: int) -> Path:
+        return self.root / "metrics" / "decompose" / f"ipc_{ipc}.json"
 
     @property
     def metrics(self) -> Path:
@@ -352,6 +398,10 @@ def _build(cls: type, raw: Any, where: str):
         raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
+    for key in unknown:
+        removed = REMOVED.get(f"{where.split('.')[0]}.{key}")
+        if removed:
+            raise ConfigError(f"{where}.{key} is no longer a setting: {removed}")
     if unknown:
         raise ConfigError(f"unknown key {where}.{unknown[0]}; known: {', '.join(sorted(names))}")
     hints = typing.get_type_hints(cls)
@@ -376,23 +426,30 @@ class Params:
     distills: dict[int, DistillConfig]
     evaluate_ipc: dict[int, dict]  # per-IPC overrides of `evaluate` (validated)
     device: str = "auto"
-    launch: LaunchConfig = LaunchConfig()  # optional section: every stage one process
+    launch: LaunchConfig = LaunchConfig()
+    # The IPCs with a crossarch@<ipc> stage (each set on evaluate.cross_archs) and with a
+    # decompose@<ipc> stage (images vs labels); evaluate.cross_ipcs and evaluate.decompose_ipcs
+    cross_ipcs: tuple[int, ...] = ()
+    decompose_ipcs: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, raw: dict) -> Params:
-        unknown = sorted(set(raw) - set(SECTIONS) - {"seed", "device", "launch"})
+        unknown = sorted(set(raw) - set(SECTIONS) - {"seed", "device"})
         if unknown:
-            known = ", ".join(sorted({*SECTIONS, "seed", "device", "launch"}))
+            known = ", ".join(sorted({*SECTIONS, "seed", "device"}))
             raise ConfigError(f"unknown top-level key '{unknown[0]}'; known: {known}")
-        # A missing section would silently mean code defaults (e.g. paper-size experts).
+        # A missing section would silently mean code defaults (e.g. paper-size experts); DVC
+        # also refuses a stage whose param (launch.<stage>) is missing, after the others ran.
         missing = [s for s in SECTIONS if s not in raw]
         if missing:
             raise ConfigError(f"params lack the '{missing[0]}' section (every profile sets "
                               f"{', '.join(SECTIONS)}; see params.yaml)")
         seed = _typed(raw.get("seed", 0), int, "seed")
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"seed must lie in [0, 2^40], got {seed}")
         device = _typed(raw.get("device", "auto"), str, "device")
         _check_device(device)
-        return cls(
+        params = cls(
             data=_build(DataConfig, {"seed": seed, **(raw["data"] or {})}, "data"),
             zca=_build(ZCAConfig, raw["zca"], "zca"),
             net=_build(NetConfig, raw["net"], "net"),
@@ -403,8 +460,12 @@ class Params:
             distills=_distills(raw["distill"], seed),
             evaluate_ipc=_evaluate_ipc(raw["evaluate"], raw["distill"], seed),
             device=device,
-            launch=_build(LaunchConfig, raw.get("launch"), "launch"),
+            launch=_launch(raw["launch"]),
+            cross_ipcs=_ipc_list(raw["evaluate"], "cross_ipcs"),
+            decompose_ipcs=_ipc_list(raw["evaluate"], "decompose_ipcs"),
         )
+        _check_across(params)
+        return params
 
     @property
     def ipcs(self) -> list[int]:
@@ -435,6 +496,9 @@ class Params:
                 raise ConfigError(f"device: {self.device} but this machine has "
                                   f"{count or 'no'} CUDA GPU{'s' if count != 1 else ''}: "
                                   "use device: auto or cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError(f"device: {self.device} but this machine has no Apple GPU (MPS): "
+                              "use device: auto or cpu")
         return device
 
 
@@ -458,10 +522,25 @@ def _ipc_table(section: dict, where: str) -> dict[int, dict]:
     return table
 
 
+STAGE_LISTS = ("cross_ipcs", "decompose_ipcs")  # evaluate's lists of IPCs with a stage each
+
+
 def _without_table(section: Any) -> dict:
+    """The `evaluate` section's settings of the recipe (EvalConfig): not its per-IPC table,
+    nor its lists of the IPCs that get a stage."""
     if section is not None and not isinstance(section, dict):
         raise ConfigError("evaluate must be a mapping of settings")
-    return {k: v for k, v in (section or {}).items() if k != "ipc"}
+    return {k: v for k, v in (section or {}).items() if k not in ("ipc", *STAGE_LISTS)}
+
+
+def _ipc_list(section: Any, key: str) -> tuple[int, ...]:
+    """evaluate.cross_ipcs / decompose_ipcs: which distilled IPCs get that stage (DVC's
+    foreach: an IPC not listed has no stage at all, so no process is started for it)."""
+    value = (section or {}).get(key) or []
+    if not isinstance(value, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in value):
+        raise ConfigError(f"evaluate.{key} must be a list of IPCs, e.g. [10] (or [])")
+    return tuple(sorted(set(value)))
 
 
 def _evaluate_ipc(section: Any, distill: Any, seed: int) -> dict[int, dict]:
@@ -480,9 +559,6 @@ def _evaluate_ipc(section: Any, distill: Any, seed: int) -> dict[int, dict]:
             f"evaluate.ipc has no entry for IPC {missing[0]}: give every IPC of distill.ipcs "
             f'one (\'"{missing[0]}": {{}}\' for the evaluate section as it is); DVC\'s '
             f"evaluate@{missing[0]} depends on evaluate.ipc.{missing[0]}")
-    fullset = sorted(k for own in table.values() for k in own if k.startswith("fullset_"))
-    if fullset:
-        raise ConfigError(f"evaluate.ipc: {fullset[0]} is the full-set run's, not an IPC's")
     for ipc, own in table.items():
         _build(EvalConfig, {**base, **own}, f"evaluate.ipc.{ipc}")
     return {ipc: {k: _typed(v, typing.get_type_hints(EvalConfig)[k], f"evaluate.ipc.{ipc}.{k}")
@@ -505,6 +581,56 @@ def _distills(section: Any, seed: int) -> dict[int, DistillConfig]:
     return {ipc: _build(DistillConfig, {"seed": seed, **defaults, **table.get(ipc, {}), "ipc": ipc},
                         f"distill.ipc.{ipc}")
             for ipc in sorted(listed)}
+
+
+def _launch(section: Any) -> LaunchConfig:
+    """`launch`: every stage's count, as DVC needs each launch.<stage> param to exist."""
+    if not isinstance(section, dict):
+        raise ConfigError("launch must be a mapping of stage: processes")
+    missing = [f.name for f in dataclasses.fields(LaunchConfig)
+               if not isinstance(section, dict) or f.name not in section]
+    if missing:
+        raise ConfigError(f"params lack launch.{missing[0]}: every stage has a count of "
+                          "processes (1: one process); DVC's stages depend on each")
+    return _build(LaunchConfig, section, "launch")
+
+
+def _check_ranges(section: str, checks: list[tuple[bool, str]]) -> None:
+    """The first failed check of a section, as its one-line error."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{section}: {message}")
+
+
+def _check_across(params: Params) -> None:
+    """Rules between sections, checked when params load, so before any stage runs: a setting
+    that a later stage would refuse must never let an earlier one replace finished work (a
+    `buffers.epochs` too short for a window would otherwise retrain, i.e. delete, the experts
+    that distill@N then refuses)."""
+    for key in STAGE_LISTS:
+        extra = sorted(set(getattr(params, key)) - set(params.ipcs))
+        if extra:
+            raise ConfigError(f"evaluate.{key} lists IPC {extra[0]}, which distill.ipcs does "
+                              f"not ({', '.join(map(str, params.ipcs))})")
+    if params.cross_ipcs and not any(params.evaluation(i).cross_archs for i in params.cross_ipcs):
+        raise ConfigError("evaluate.cross_ipcs lists IPCs but evaluate.cross_archs is empty: "
+                          "name the other architectures, e.g. [convnet_bn]")
+    epochs = params.buffers.epochs
+    for ipc, cfg in sorted(params.distills.items()):
+        if cfg.window == "auto":  # chosen from the experts, to fit them (datm/windows.py)
+            if cfg.expert_epochs > epochs:
+                raise ConfigError(f"distill ipc {ipc}: expert_epochs (M) {cfg.expert_epochs} "
+                                  f"is more than buffers.epochs {epochs}")
+        elif cfg.last_epoch_needed > epochs:
+            raise ConfigError(
+                f"distill ipc {ipc} reads expert epochs up to T+ - 1 + M = "
+                f"{cfg.last_epoch_needed} (max_start_epoch {cfg.max_start_epoch} - 1 + "
+                f"expert_epochs {cfg.expert_epochs}), but buffers.epochs is {epochs}: raise "
+                "buffers.epochs or lower max_start_epoch / expert_epochs")
+        if cfg.label_epoch > epochs:
+            raise ConfigError(
+                f"distill ipc {ipc}: label_epoch {cfg.label_epoch} is past the experts' last "
+                f"epoch (buffers.epochs {epochs}): use -1 (the last epoch) or at most {epochs}")
 
 
 def _check_device(device: str) -> None:

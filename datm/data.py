@@ -81,18 +81,34 @@ def to_model_space(images: torch.Tensor, mean: list[float], std: list[float],
     With ZCA: whitened raw [0, 1] pixels, no per-channel normalization (the DATM reference,
     docs/METHOD.md, "ZCA whitening"; the whitening centres the data itself). Without: normalized.
     """
-    if zca.enabled:
-        return zca.whiten(images.float() / 255.0)
-    return normalize(images, mean, std)
+    return pixels_to_model_space(images.float() / 255.0, mean, std, zca)
 
 
-def to_pixels(x: torch.Tensor, mean: list[float], std: list[float], zca: ZCA) -> torch.Tensor:
-    """Model space -> float pixels in [0, 1] (de-whitened or de-normalized, clipped)."""
+def pixels_to_model_space(pixels: torch.Tensor, mean: list[float], std: list[float],
+                          zca: ZCA) -> torch.Tensor:
+    """Float pixels on the [0, 1] scale (any values: a distilled set's leave that range) ->
+    model space: `to_model_space` without the uint8 scaling."""
     if zca.enabled:
-        return zca.dewhiten(x.float()).clamp(0, 1)
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return (x.float() * s + m).clamp(0, 1)
+        return zca.whiten(pixels)
+    m = torch.tensor(mean, device=pixels.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=pixels.device).view(1, -1, 1, 1)
+    return (pixels - m) / s
+
+
+def to_pixels(x: torch.Tensor, mean: list[float], std: list[float], zca: ZCA,
+              clip: bool = True) -> torch.Tensor:
+    """Model space -> float pixels on the [0, 1] scale (de-whitened or de-normalized).
+
+    `clip` for viewing (image grids). A distilled set's pixels leave [0, 1] (its images are
+    learned in model space, where nothing bounds them), so an export keeps them unclipped.
+    """
+    if zca.enabled:
+        pixels = zca.dewhiten(x.float())
+    else:
+        m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+        s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+        pixels = x.float() * s + m
+    return pixels.clamp(0, 1) if clip else pixels
 
 
 def load(cfg: DataConfig) -> tuple[Split, Split]:
@@ -203,23 +219,26 @@ def _torchvision_download(name: str, root: Path) -> None:
 
 # --- folders of images -------------------------------------------------------------------------
 
-def _read_image(path: Path, channels: int, size: int) -> np.ndarray:
+def read_image(path: Path, channels: int, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image file as uint8 [channels, size, size] (converted, resized if need be), and its
+    original (width, height)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            original = im.size
             im = im.convert("L" if channels == 1 else "RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except OSError as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
         raise DataError(f"cannot read image {path}: {exc}") from None
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    return (arr[None] if channels == 1 else arr.transpose(2, 0, 1)), original
 
 
 def _stack(items: list[tuple[Path, int]], classes: list[str], channels: int, size: int,
            source: str) -> Split:
-    images = np.stack([_read_image(p, channels, size) for p, _ in items]) if items else \
+    images = np.stack([read_image(p, channels, size)[0] for p, _ in items]) if items else \
         np.zeros((0, channels, size, size), np.uint8)
     labels = np.asarray([c for _, c in items], dtype=np.int64)
     return Split(torch.from_numpy(images), torch.from_numpy(labels), classes, source)

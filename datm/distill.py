@@ -62,6 +62,12 @@ def check_buffer(cfg: DistillConfig, buffer: ExpertBuffer) -> None:
             f"{buffer.epochs}: use -1 (the last epoch) or at most {buffer.epochs}")
 
 
+def initial_lr(cfg: DistillConfig, buffer: ExpertBuffer) -> float:
+    """The student's first step size: the experts' mean lr over the epochs the window reads,
+    [T-, T+ - 1 + M) (their constant lr, or e.g. the late, small lrs of a cosine schedule)."""
+    return buffer.lr_over(cfg.min_start_epoch, cfg.last_epoch_needed)
+
+
 def label_epoch(cfg: DistillConfig, buffer: ExpertBuffer) -> int:
     """The experts' epoch that judges initial images and gives soft labels (-1: the last)."""
     return buffer.epochs if cfg.label_epoch < 0 else cfg.label_epoch
@@ -150,7 +156,7 @@ class Distiller:
         check_buffer(cfg, buffer)
         generator = torch.Generator().manual_seed(cfg.seed)
         images, labels, report = initialize(cfg, buffer, x_real, y_real, generator)
-        lr = torch.tensor(cfg.lr_init or buffer.lr, device=x_real.device)
+        lr = torch.tensor(cfg.lr_init or initial_lr(cfg, buffer), device=x_real.device)
         momenta = _Momenta(torch.zeros_like(images), torch.zeros_like(labels), torch.zeros_like(lr))
         return cls(cfg, buffer, aug, images, labels, lr, generator, momenta,
                    init_report=report, selection=selection, group=group)
@@ -402,6 +408,16 @@ def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: tor
         return images, _logits(fm, theta(experts[0]), images, chunk), report
     thetas = [theta(k) for k in range(len(buffer))]
     return images, expert_logits(fm, thetas, images, y[index], chunk), report
+
+
+def expert_soft_labels(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor,
+                       y: torch.Tensor) -> torch.Tensor:
+    """DATM's soft labels for any real images: per image, the mean logits of the experts (at
+    `label_epoch`) that classify it correctly, as a real_correct initialization gets them."""
+    epoch = label_epoch(cfg, buffer)
+    fm = FlatModel(buffer.spec, x.device).train(True)
+    thetas = [buffer.epochs_of(k, [epoch])[0].to(x.device) for k in range(len(buffer))]
+    return expert_logits(fm, thetas, x, y)
 
 
 def _correct_images(fm: FlatModel, theta: Callable[[int], torch.Tensor], experts: list[int],

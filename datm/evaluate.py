@@ -79,6 +79,7 @@ def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: fl
     soft = targets.dtype.is_floating_point
     aug = aug if cfg.augment else replace(aug, enabled=False)
     n, batch = x.shape[0], min(cfg.batch, x.shape[0])
+    loss = torch.zeros(())
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(n, generator=gen).to(x.device)
@@ -92,6 +93,10 @@ def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: fl
             loss.backward()
             opt.step()
         sched.step()
+        if not bool(torch.isfinite(loss)):  # once an epoch: a check per step would sync a GPU
+            raise UserError(f"an evaluation network diverged (loss {float(loss)}) in epoch "
+                            f"{epoch + 1} at lr {lr:.4g}: lower the evaluation lr (evaluate.lr, "
+                            "lr_scale or random_lr), or the set is broken")
         if callback:
             callback({"event": "epoch", "epoch": epoch + 1, "epochs": epochs})
             if test_every and (epoch + 1) % test_every == 0 and epoch + 1 < epochs:

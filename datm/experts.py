@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from . import artifacts, flat_minimum
 from .augment import AugConfig, augment
 from .config import ExpertConfig
 from .distributed import SINGLE, Group
+from .errors import UserError
 from .events import Callback
 from .networks import FlatModel, NetSpec
 from .provenance import code_digest
@@ -110,6 +111,7 @@ def train_group(fm: FlatModel, seeds: list[int], x: torch.Tensor, y: torch.Tenso
     steps = n // bs
     fm.train(True)
     for epoch in range(cfg.epochs):
+        lr = cfg.epoch_lr(epoch)
         start = time.perf_counter()
         perms = [torch.randperm(n, generator=g).to(device) for g in gens]
         correct = torch.zeros(len(seeds), device=device)
@@ -126,9 +128,12 @@ def train_group(fm: FlatModel, seeds: list[int], x: torch.Tensor, y: torch.Tenso
                 g_p, _ = grad_fn(thetas + e, xb, yb)
                 g = flat_minimum.surrogate_gap_direction(g, g_p, cfg.alpha)
             velocity = cfg.momentum * velocity + g if cfg.momentum else g
-            thetas = thetas - cfg.lr * velocity
+            thetas = thetas - lr * velocity
             if callback:
                 callback({"event": "step", "step": step + 1, "steps": steps, "epoch": epoch})
+        if not bool(torch.isfinite(thetas).all()):
+            raise ExpertError(f"an expert diverged (NaN/inf weights) in epoch {epoch + 1} at lr "
+                              f"{lr:.4g}: lower buffers.lr (finished experts are kept)")
         traj.append(thetas.cpu())
         history["train_acc"].append((correct / (steps * bs)).tolist())
         history["test_acc"].append(accuracy(fm, thetas, x_test, y_test))
@@ -138,6 +143,26 @@ def train_group(fm: FlatModel, seeds: list[int], x: torch.Tensor, y: torch.Tenso
                       "train_acc": history["train_acc"][-1], "test_acc": history["test_acc"][-1],
                       "seconds": history["epoch_time_s"][-1]})
     return torch.stack(traj, dim=1), history
+
+
+PROBE_STEPS = 5
+
+
+def probe(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, cfg: ExpertConfig,
+          aug: AugConfig) -> None:
+    """A few training steps of expert 0's first epoch on its first batches: an error or a
+    non-finite loss here (a setting that cannot train) is raised before anything is deleted."""
+    short = replace(cfg, epochs=1)
+    n = min(len(x), PROBE_STEPS * min(cfg.batch, len(x)))
+    seeds = [cfg.seed * 100_003]
+    trajs, history = train_group(fm, seeds, x[:n], y[:n], x[:2], y[:2], short, aug)
+    if not bool(torch.isfinite(trajs).all()):
+        raise ExpertError(f"buffers: the experts' first {PROBE_STEPS} steps diverge (NaN/inf) at "
+                          f"lr {cfg.lr}: lower buffers.lr")
+
+
+class ExpertError(UserError):
+    """Settings with which experts cannot train; the message is for a user."""
 
 
 def train_experts(out_dir: str | Path, spec: NetSpec, x: torch.Tensor, y: torch.Tensor,
@@ -154,10 +179,10 @@ def train_experts(out_dir: str | Path, spec: NetSpec, x: torch.Tensor, y: torch.
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = config_hash(spec, cfg, aug, data_id)
     fm = FlatModel(spec, x.device)
-    # Prove the new settings can train (network builds, a batch runs) before dropping experts
-    # made with the old ones: a setting that fails must not cost the finished work.
-    with torch.no_grad():
-        fm(fm.init(0), x[:2])
+    # Prove the new settings can train (network builds, augmented batches run, the loss stays
+    # finite) before dropping experts made with the old ones: a setting that fails must not
+    # cost the finished work.
+    probe(fm, x, y, cfg, aug)
     if group.is_main:  # one rank deletes, or two would race (and kill each other's temp files)
         _drop_stale(out_dir, digest, cfg.num_experts)
     todo = _missing(out_dir, cfg.num_experts, group)
@@ -178,6 +203,7 @@ def train_experts(out_dir: str | Path, spec: NetSpec, x: torch.Tensor, y: torch.
         for j, k in enumerate(batch):
             meta = {"spec": spec.to_dict(), "config": asdict(cfg), "aug": asdict(aug),
                     "hash": digest, "index": k, "epochs": cfg.epochs,
+                    "lrs": [cfg.epoch_lr(e) for e in range(cfg.epochs)],
                     "train_acc": [a[j] for a in history["train_acc"]],
                     "test_acc": [a[j] for a in history["test_acc"]],
                     "images_seen": cfg.epochs * x.shape[0]}
@@ -247,6 +273,13 @@ class ExpertBuffer:
     @property
     def lr(self) -> float:
         return float(self.metas[0]["config"]["lr"])
+
+    def lr_over(self, first: int, last: int) -> float:
+        """The experts' mean lr over epochs first..last - 1 (their schedule's; `lr` when
+        constant): where a student starts its learned lr to follow those epochs."""
+        lrs = self.metas[0].get("lrs") or [self.lr] * self.epochs
+        part = lrs[first:max(last, first + 1)]
+        return float(sum(part) / len(part))
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -1,16 +1,24 @@
-"""Export a distilled set in pixel space, and read an exported set back.
+"""Export a distilled set, and read an export back.
 
-Layout of an export directory:
-  images.{safetensors,pt,npz}  float pixels [N, C, H, W] in [0, 1], label logits/probs, lr
-  or, for png: <000_class>/<index>.png (torchvision ImageFolder layout), labels.safetensors,
-               and metadata.jsonl (one row per image: file_name and its soft label), which makes
-               the folder a Hugging Face `imagefolder` dataset with the soft labels as columns
+Layout of an export directory (card `layout` 2):
+  images.{safetensors,pt,npz}  `inputs`: the network's input tensors [N, C, H, W], exactly the
+                      set datm trained and measured (lossless); `images`: the same set as float
+                      pixels on the [0, 1] scale, de-whitened and NOT clipped (learned images
+                      leave [0, 1]; the values outside are part of the set); `label_logits`,
+                      `label_probs`, `class_ids`, `lr`
+  or, for png: <000_class>/<index>.png (torchvision ImageFolder layout), 8-bit, each image
+               stretched over its own range: pixels = lo + (hi - lo) * png / 255 with [lo, hi]
+               its `pixel_range`; labels.safetensors (soft labels, ranges) and metadata.jsonl
+               (one row per image: file_name, soft labels, pixel_range), which makes the folder
+               a Hugging Face `imagefolder` dataset with the soft labels as columns
   zca.safetensors     the pipeline's ZCA (mean, matrix, inverse), when it whitened
-  dataset_card.json   where it came from, its settings, measured accuracies, and what a network
-                      trained on it needs: `preprocessing` (pixels -> network input) and `recipe`
+  dataset_card.json   where it came from, its settings, its accuracy (of exactly these tensors,
+                      or "not measured"), what a network trained on it needs: `preprocessing`
+                      (pixels -> network input) and `recipe`
   README.md           the card for people
   reproduce.py        a plain-PyTorch script (no datm) that trains on the set by the recipe:
                       datm/export_snippet.py, copied
+Layout 1 (earlier exports: pixels clipped to [0, 1], no `inputs`) is still read.
 """
 
 from __future__ import annotations
@@ -27,9 +35,12 @@ import torch
 
 from . import artifacts, locks
 from .errors import UserError
+from .sets import HandedSet
 from .zca import ZCA
 
 FORMATS = ("safetensors", "pt", "npz", "png")
+LOSSLESS = ("safetensors", "pt", "npz")
+LAYOUT = 2
 LABELS = "labels.safetensors"
 CARD = "dataset_card.json"
 METADATA = "metadata.jsonl"  # Hugging Face imagefolder's per-image columns (png)
@@ -39,6 +50,7 @@ ZCA_FILE = "zca.safetensors"
 SCRIPT = "reproduce.py"
 # One copy of the training snippet: exported as SCRIPT and quoted in the export's README.
 SNIPPET = Path(__file__).with_name("export_snippet.py")
+NOT_MEASURED = "not measured"
 
 
 class ExportError(UserError):
@@ -50,25 +62,35 @@ def _class_dir(index: int, name: str) -> str:
     return f"{index:03d}_{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-') or 'class'}"
 
 
-def export(pixels: torch.Tensor, logits: torch.Tensor, lr: float, classes: list[str],
-           out: str | Path, fmt: str, card: dict, force: bool = False,
+def export(inputs: torch.Tensor, pixels: torch.Tensor, logits: torch.Tensor, lr: float,
+           classes: list[str], out: str | Path, fmt: str, card: dict, force: bool = False,
            zca: ZCA | None = None) -> Path:
     """Write the set to `out` (refusing to overwrite unless `force`), all or nothing.
 
+    `inputs` are the network-input tensors the pipeline trained and measured, `pixels` the
+    same set de-whitened (unclipped). The written folder is read back before it takes `out`'s
+    place: a lossless format must give `inputs` back bit for bit, png within its 8 bits.
     `zca`, when enabled, is written beside the images (what `card["preprocessing"]` points at);
     a card with a `recipe` also gets SCRIPT, the plain-PyTorch way to train on the set.
     """
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    bad = [name for name, t in (("images", inputs), ("pixels", pixels), ("labels", logits),
+                                ("lr", torch.tensor(float(lr)))) if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ExportError(f"the set's {' and '.join(bad)} hold NaN or inf values (a diverged "
+                          "distillation?): refusing to export it; distill again with a lower "
+                          "lr_img / lr_lr")
     out = Path(out)
     try:
-        return _export(pixels, logits, lr, classes, out, fmt, card, force, zca or ZCA())
+        return _export(inputs.float().cpu(), pixels.float().cpu(), logits.float().cpu(), lr,
+                       classes, out, fmt, card, force, zca or ZCA())
     except OSError as exc:  # an unwritable or full destination: a user's to fix, not a bug
         raise ExportError(f"cannot write the export to {out}: {exc.strerror or exc}") from None
 
 
-def _export(pixels: torch.Tensor, logits: torch.Tensor, lr: float, classes: list[str],
-            out: Path, fmt: str, card: dict, force: bool, zca: ZCA) -> Path:
+def _export(inputs: torch.Tensor, pixels: torch.Tensor, logits: torch.Tensor, lr: float,
+            classes: list[str], out: Path, fmt: str, card: dict, force: bool, zca: ZCA) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with locks.hold(out.parent / f".{out.name}.lock", f"{out} is being exported"):
         _recover(out)
@@ -82,22 +104,77 @@ def _export(pixels: torch.Tensor, logits: torch.Tensor, lr: float, classes: list
         # Named like atomic_path's temp files, so that remove_stale_temps finds it after a kill.
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
-            _write(tmp, pixels.float().clamp(0, 1).cpu(), logits.float().cpu(), lr, classes, fmt)
+            stored = _write(tmp, inputs, pixels, logits, lr, classes, fmt)
             if zca.enabled:
                 zca.save(tmp / ZCA_FILE)
-            full_card = {**card, "format": fmt, "classes": classes, "num_images": pixels.shape[0],
-                         "shape": list(pixels.shape[1:]), "lr": lr}
-            (tmp / CARD).write_text(json.dumps(full_card, indent=2, sort_keys=True) + "\n")
-            snippet = SNIPPET.read_text() if "recipe" in card else None
-            if snippet:
-                (tmp / SCRIPT).write_text(snippet)
-            (tmp / "README.md").write_text(card_markdown(full_card, snippet))
+            outside = float(((pixels < 0) | (pixels > 1)).float().mean())
+            full_card = {**card, "format": fmt, "layout": LAYOUT, "classes": classes,
+                         "num_images": pixels.shape[0], "shape": list(pixels.shape[1:]), "lr": lr,
+                         "lossless": fmt in LOSSLESS, "contents": _contents(fmt),
+                         "pixels": {"min": float(pixels.min()), "max": float(pixels.max()),
+                                    "outside_0_1": outside}, **stored}
+            _write_card(tmp, full_card)
+            _check_reads_back(tmp, inputs, pixels, fmt, full_card)
             os.chmod(tmp, 0o755)
             _swap(tmp, out)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
     return out
+
+
+def _contents(fmt: str) -> dict:
+    if fmt in LOSSLESS:
+        return {"inputs": "the network's input tensors [N, C, H, W], exactly the set datm "
+                          "trained and measured: train on these",
+                "images": "the same set as float pixels on the [0, 1] scale, de-whitened and "
+                          "not clipped: values outside [0, 1] are part of the set (an image "
+                          "viewer clips them); `preprocessing` turns them into `inputs` up to "
+                          "float rounding",
+                "label_logits": "learned soft labels (logits); label_probs = their softmax",
+                "class_ids": "the class each image stands for", "lr": "the learned lr"}
+    return {"png": "8-bit images, each stretched over its own pixel range: pixels = lo + "
+                   "(hi - lo) * png / 255 with [lo, hi] the image's `pixel_range` "
+                   f"({METADATA}, {LABELS}); then `preprocessing`. Read as plain images "
+                   "(no undo) they are a contrast-stretched view, not the set",
+            "label_logits": f"learned soft labels (logits) per image, in {METADATA} and {LABELS}"}
+
+
+def _write_card(folder: Path, card: dict) -> None:
+    """dataset_card.json, README.md and (with a recipe) reproduce.py, each written atomically."""
+    snippet = SNIPPET.read_text() if "recipe" in card else None
+    with artifacts.atomic_path(folder / CARD) as tmp:
+        tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    if snippet and not (folder / SCRIPT).is_file():
+        (folder / SCRIPT).write_text(snippet)
+    with artifacts.atomic_path(folder / "README.md") as tmp:
+        tmp.write_text(card_markdown(card, snippet))
+
+
+def _check_reads_back(folder: Path, inputs: torch.Tensor, pixels: torch.Tensor, fmt: str,
+                      card: dict) -> None:
+    """The folder, read as `datm evaluate --from` and reproduce.py read it, holds the set."""
+    back = read(folder)
+    if fmt in LOSSLESS:
+        if back.inputs is None or not torch.equal(back.inputs, inputs):
+            raise ExportError(f"the {fmt} file does not read back as the set it was written "
+                              "from: export refused")
+        return
+    error = float((back.pixels - pixels).abs().max())
+    if error > card["png"]["max_error"] + 1e-5:
+        raise ExportError(f"the png files read back {error:.3g} from the set, more than 8 bits "
+                          "of each image's range allow: export refused")
+
+
+def record_accuracy(folder: str | Path, accuracy: str, how: str) -> None:
+    """Write the measured accuracy of exactly this folder's set into its card and README
+    (`datm evaluate --from DIR --record`, which `datm export` runs for png)."""
+    folder = Path(folder)
+    card = json.loads((folder / CARD).read_text())
+    card.setdefault("accuracy", {})
+    card["accuracy"].update(distilled=accuracy, measured=how)
+    card["accuracy"].pop("note", None)
+    _write_card(folder, card)
 
 
 def _aside(out: Path) -> Path:
@@ -138,12 +215,13 @@ def _recover(out: Path) -> None:
                           "move one of them away")
 
 
-def _write(folder: Path, pixels: torch.Tensor, logits: torch.Tensor, lr: float,
-           classes: list[str], fmt: str) -> None:
+def _write(folder: Path, inputs: torch.Tensor, pixels: torch.Tensor, logits: torch.Tensor,
+           lr: float, classes: list[str], fmt: str) -> dict:
+    """The set's files in `folder`; what the card must add about how they store it."""
     probs = torch.softmax(logits, dim=1)
     ipc = pixels.shape[0] // len(classes)
     class_ids = torch.arange(len(classes)).repeat_interleave(ipc)
-    payload = {"images": pixels, "label_logits": logits, "label_probs": probs,
+    payload = {"inputs": inputs, "images": pixels, "label_logits": logits, "label_probs": probs,
                "class_ids": class_ids, "lr": torch.tensor([lr])}
     if fmt == "safetensors":
         artifacts.save(folder / "images.safetensors", payload, "export")
@@ -152,28 +230,63 @@ def _write(folder: Path, pixels: torch.Tensor, logits: torch.Tensor, lr: float,
     elif fmt == "npz":
         np.savez(folder / "images.npz", **{k: v.numpy() for k, v in payload.items()})
     else:
-        from PIL import Image
-
-        files, rows = [], []
-        for i, (img, c) in enumerate(zip(pixels, class_ids.tolist())):
-            sub = folder / _class_dir(c, classes[c])
-            sub.mkdir(exist_ok=True)
-            arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(sub / f"{i:06d}.png")
-            files.append(f"{sub.name}/{i:06d}.png")
-            # No "label" column: Hugging Face would take it for the class; the folder says that.
-            rows.append({"file_name": files[-1], "class_id": c, "class_name": classes[c],
-                         "label_probs": probs[i].tolist(), "label_logits": logits[i].tolist()})
-        del payload["images"]
-        artifacts.save(folder / LABELS, payload, "export-labels", {"files": files})
-        (folder / METADATA).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return _write_png(folder, pixels, payload, classes)
+    return {}
 
 
-def read(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
-    """(pixels [N, C, H, W] in [0, 1], label logits, lr, card) of an export directory.
+def _write_png(folder: Path, pixels: torch.Tensor, payload: dict, classes: list[str]) -> dict:
+    """8-bit PNGs, each image over its own range (no clipping: a distilled image spans e.g.
+    -4 .. 5.5), and the ranges beside them."""
+    from PIL import Image
 
-    A missing, truncated or unreadable file is an ExportError that names it.
-    """
+    lo, hi = png_ranges(pixels)
+    codes = encode_png(pixels, lo, hi)
+    files, rows = [], []
+    ids = payload["class_ids"].tolist()
+    for i, (code, c) in enumerate(zip(codes, ids)):
+        sub = folder / _class_dir(c, classes[c])
+        sub.mkdir(exist_ok=True)
+        arr = code.permute(1, 2, 0).numpy()
+        Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(sub / f"{i:06d}.png")
+        files.append(f"{sub.name}/{i:06d}.png")
+        # No "label" column: Hugging Face would take it for the class; the folder says that.
+        rows.append({"file_name": files[-1], "class_id": c, "class_name": classes[c],
+                     "label_probs": payload["label_probs"][i].tolist(),
+                     "label_logits": payload["label_logits"][i].tolist(),
+                     "pixel_range": [float(lo[i]), float(hi[i])]})
+    labels = {k: v for k, v in payload.items() if k not in ("inputs", "images")}
+    labels["pixel_range"] = torch.stack([lo, hi], dim=1)
+    artifacts.save(folder / LABELS, labels, "export-labels", {"files": files})
+    (folder / METADATA).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"png": {"encoding": "per-image range, 8 bits",
+                    "max_error": float(((hi - lo) / 510).max())}}
+
+
+def png_ranges(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lo, hi] of each image (float32); a flat image gets hi = lo + 1 (any scale decodes it)."""
+    lo = pixels.flatten(1).amin(1).float()
+    hi = pixels.flatten(1).amax(1).float()
+    return lo, torch.where(hi > lo, hi, lo + 1)
+
+
+def encode_png(pixels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Pixels -> uint8 codes over each image's [lo, hi]; `decode_png` undoes it to 1/510 of
+    the range."""
+    view = (-1, 1, 1, 1)
+    scaled = (pixels.float() - lo.view(view)) / (hi - lo).view(view)
+    return (scaled * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def decode_png(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, C, H, W] -> pixels; reproduce.py computes the same, op for op."""
+    view = (-1, 1, 1, 1)
+    return codes.float() / 255 * (hi - lo).view(view) + lo.view(view)
+
+
+def read(folder: str | Path) -> HandedSet:
+    """The set an export directory holds (network inputs for a lossless layout-2 export,
+    pixels otherwise), with its card. A missing, truncated or unreadable file is an
+    ExportError that names it."""
     folder = Path(folder)
     if not (folder / CARD).is_file():
         raise ExportError(f"{folder} is not a datm export (no {CARD})")
@@ -186,14 +299,27 @@ def read(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
     fmt = card.get("format")
     if fmt not in FORMATS:
         raise ExportError(f"{folder / CARD} names an unknown format '{fmt}'")
-    t = _read_tensors(folder, fmt)
+    layout = card.get("layout", 1)
+    t = _read_tensors(folder, fmt, layout)
     missing = [k for k in ("images", "label_logits", "lr") if k not in t]
     if missing:
         raise ExportError(f"{folder} lacks {', '.join(missing)} in its {fmt} file")
-    return t["images"].float(), t["label_logits"].float(), float(t["lr"].reshape(-1)[0]), card
+    logits = t["label_logits"].float()
+    class_ids = t["class_ids"].long() if "class_ids" in t else logits.argmax(1)
+    inputs = t["inputs"].float() if "inputs" in t else None
+    if inputs is not None:
+        note = f"datm export ({fmt}): `inputs`, exactly the network inputs datm measured"
+    elif fmt == "png" and layout >= 2:
+        note = "datm export (png): 8-bit images, each image's range undone (pixel_range)"
+    else:
+        note = (f"datm export ({fmt}, layout 1): pixels clipped to [0, 1] when exported, so "
+                "not quite the distilled set (export it again for the lossless layout)")
+    return HandedSet("datm export", logits, class_ids, inputs=inputs,
+                     pixels=t["images"].float(), lr=float(t["lr"].reshape(-1)[0]), card=card,
+                     notes=[note])
 
 
-def _read_tensors(folder: Path, fmt: str) -> dict[str, torch.Tensor]:
+def _read_tensors(folder: Path, fmt: str, layout: int) -> dict[str, torch.Tensor]:
     path = folder / (LABELS if fmt == "png" else f"images.{fmt}")
     if not path.is_file():
         raise ExportError(f"{path} is missing: the export is incomplete")
@@ -206,7 +332,12 @@ def _read_tensors(folder: Path, fmt: str) -> dict[str, torch.Tensor]:
             with np.load(path) as z:
                 return {k: torch.from_numpy(z[k]) for k in z.files}
         t, meta = artifacts.load(path, "export-labels")
-        t["images"] = torch.stack([_read_png(folder / name) for name in meta["files"]]) / 255
+        codes = torch.stack([_read_png(folder / name) for name in meta["files"]])
+        if layout >= 2:
+            lo, hi = t["pixel_range"].float().unbind(1)
+            t["images"] = decode_png(codes, lo, hi)
+        else:
+            t["images"] = codes.float() / 255
         return t
     except ExportError:
         raise
@@ -226,12 +357,13 @@ def _read_png(path: Path) -> torch.Tensor:
             arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
     except OSError as exc:
         raise ExportError(f"cannot read image {path}: {exc}") from None
-    return (arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)).float()
+    return arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
 
 
 def card_markdown(card: dict, snippet: str | None = None) -> str:
     """The export's README.md: what the set is, its numbers, and how to train on it."""
     acc = card.get("accuracy") or {}
+    fmt, px = card["format"], card.get("pixels") or {}
     lines = [
         f"# Distilled {card.get('dataset', '?')}: {card.get('ipc', '?')} images per class",
         "",
@@ -239,37 +371,54 @@ def card_markdown(card: dict, snippet: str | None = None) -> str:
         f"git commit `{card.get('git_commit', 'unknown')}`.",
         "",
         f"- images: {card['num_images']} ({card.get('ipc')} per class, {len(card['classes'])} "
-        f"classes), shape {card['shape']}, pixel values in [0, 1], format `{card['format']}`",
+        f"classes), shape {card['shape']}, format `{fmt}`",
         "- labels: learned soft labels, as logits (`label_logits`) and probabilities "
         "(`label_probs`); train with soft cross-entropy against the probabilities",
         f"- learned learning rate: {card['lr']:.6g}",
-        "",
-        "## Measured accuracy (ConvNet, test split of the real dataset)",
     ]
+    if px:
+        lines.append(f"- pixels span {px['min']:.3g} .. {px['max']:.3g} on the [0, 1] scale; "
+                     f"{100 * px['outside_0_1']:.1f} % of them lie outside [0, 1]. They are "
+                     "learned in the network's input space, where nothing bounds them, and "
+                     "are part of the set: clipping them changes it")
+    lines += ["", "## What the files hold", ""]
+    lines += [f"- `{k}`: {v}" for k, v in (card.get("contents") or {}).items()]
+    if fmt == "png" and card.get("png"):
+        lines.append(f"- 8 bits over each image's own range: at most "
+                     f"{card['png']['max_error']:.3g} from the distilled pixels")
+    lines += ["", "## Measured accuracy (ConvNet, test split of the real dataset)"]
     if acc:
         lines += ["", "| set | accuracy |", "|---|---|"]
+        labels = {"distilled": "this set (exactly these files)", "random_real":
+                  "random real images, same number, same recipe",
+                  "full_dataset": "the full training set (the experts)"}
         for key in ("distilled", "random_real", "full_dataset"):
             if acc.get(key):
-                lines.append(f"| {key} | {acc[key]} |")
-        if acc.get("note"):
-            lines += ["", acc["note"]]
-        lines += ["", "The pipeline measured the set in its own (model) space; the pixels here are "
-                  "clipped to [0, 1] (and rounded to 8 bits in png), which can cost a few tenths of "
-                  "a point, about the spread between models."]
+                lines.append(f"| {labels[key]} | {acc[key]} |")
+        for key in ("measured", "note"):
+            if acc.get(key):
+                lines += ["", acc[key]]
     else:
         lines += ["", "Not evaluated yet: run `datm evaluate --from <this folder>`."]
     lines += _preprocessing_lines(card.get("preprocessing")) + _recipe_lines(card.get("recipe"))
     lines += ["", "## Loading", "",
-              "- `dataset_card.json` holds everything above as data (`preprocessing`, `recipe`).",
-              "- png: `torchvision.datasets.ImageFolder(folder)` (one subfolder per class) or "
-              "`datasets.load_dataset(\"imagefolder\", data_dir=folder)`, whose columns "
-              "`label_probs` / `label_logits` are the soft labels (from `metadata.jsonl`)."]
+              "- `dataset_card.json` holds everything above as data (`contents`, "
+              "`preprocessing`, `recipe`)."]
+    if fmt == "png":
+        lines.append("- `torchvision.datasets.ImageFolder(folder)` (one subfolder per class) or "
+                     "`datasets.load_dataset(\"imagefolder\", data_dir=folder)`, whose columns "
+                     "`label_probs` / `label_logits` are the soft labels and `pixel_range` each "
+                     f"image's [lo, hi] (from `{METADATA}`); decode an image `png` (uint8) as "
+                     "`lo + (hi - lo) * png / 255` before `preprocessing`.")
+    else:
+        lines.append(f"- `images.{fmt}`: train on `inputs`; `images` are the pixels.")
     lines += ["", "## Distillation settings", "", "```json",
               json.dumps(card.get("settings", {}), indent=2), "```", "", "## Train on it", ""]
     if snippet:
         lines += ["Without datm: `reproduce.py` (below) needs only torch, numpy and safetensors "
                   "(Pillow for png, torchvision for `--torchvision`) and follows the recipe "
-                  "above, seeds included:", "", "```bash",
+                  "above, seeds included (`--threads` as the recipe's `threads` for the "
+                  "pipeline's rounding):", "", "```bash",
                   "python reproduce.py --test test.npz   # uint8 `images` [N, C, H, W] and `labels`",
                   "python reproduce.py --torchvision FashionMNIST --root data --download", "```", "",
                   "```python", snippet.rstrip("\n"), "```", "", "With datm:", ""]
@@ -286,12 +435,14 @@ def _preprocessing_lines(pre: dict | None) -> list[str]:
         lines += [f"ZCA whitening of the raw pixels, with `mean` and `matrix` from `{pre['file']}` "
                   f"(kornia's ZCAWhitening, eps {pre.get('eps')}), and NO per-channel "
                   "normalization:", "", "```python",
-                  "x_white = ((x.flatten(1) - mean) @ matrix).view_as(x)   # x: [N, C, H, W] in [0, 1]",
+                  "x_white = ((x.flatten(1) - mean) @ matrix).view_as(x)   # x: [N, C, H, W] pixels",
                   "```"]
     else:
         lines += [f"Per-channel normalization: `(x - mean) / std` with mean {pre['mean']} and "
-                  f"std {pre['std']} (x in [0, 1])."]
-    return lines + ["", "Apply the same to the real test images."]
+                  f"std {pre['std']} (x: pixels on the [0, 1] scale)."]
+    return lines + ["", "Apply the same to the real test images (uint8 / 255). A lossless "
+                    "export's `inputs` are its pixels after this step, exactly as datm "
+                    "computed them."]
 
 
 def _recipe_lines(recipe: dict | None) -> list[str]:
@@ -310,4 +461,6 @@ def _recipe_lines(recipe: dict | None) -> list[str]:
                 f"magnitudes; {params}" if aug["enabled"] and aug["families"] else "off"),
             f"- loss: {recipe['loss']}",
             f"- {recipe['models']} networks, seeds {recipe['model_seeds']}: report mean ± std "
-            "of their test accuracies"]
+            "of their test accuracies"] + (
+        [f"- threads per network: {recipe['threads']} (on a CPU the thread count changes "
+         "float rounding, which training amplifies)"] if recipe.get("threads") else [])

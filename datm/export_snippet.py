@@ -6,9 +6,11 @@
 `--test` takes an .npz or .safetensors file holding uint8 `images` ([N, C, H, W] or [N, H, W])
 and integer `labels`; `--torchvision` names a torchvision dataset class whose test split to use
 (FashionMNIST, CIFAR10, CIFAR100). Everything else comes from dataset_card.json beside this
-file: how pixels become the network's input (`preprocessing`, with zca.safetensors when the
-pipeline whitened), the network and the training recipe (`recipe`). `--epochs` and `--models`
-override the recipe for a quick check. Needs torch and numpy; safetensors for .safetensors
+file: the set (a lossless export holds the network's inputs exactly; png images are decoded by
+their pixel ranges), how pixels become the network's input (`preprocessing`, with
+zca.safetensors when the pipeline whitened), the network and the training recipe (`recipe`).
+`--epochs` and `--models` override the recipe for a quick check; `--threads` as the recipe's
+`threads` gives the pipeline's float rounding on a CPU. Needs torch and numpy; safetensors for .safetensors
 files, Pillow for png exports, torchvision for ResNet-18 or --torchvision. It imports nothing
 from datm: the export is meant to travel without it.
 """
@@ -38,25 +40,44 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_set(folder: Path, card: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distilled images as pixels in [0, 1], [N, C, H, W], and their soft-label logits."""
-    if card["format"] == "png":  # class folders of images; the labels in metadata.jsonl
+    """The set as the network's input [N, C, H, W], and its soft-label logits.
+
+    A lossless export (safetensors, pt, npz) holds the inputs themselves (`inputs`). A png
+    export holds each image stretched over its own 8-bit range: decoded to pixels by its
+    `pixel_range`, then preprocessed. An export of layout 1 held pixels clipped to [0, 1].
+    """
+    if card["format"] == "png":  # class folders of images; labels and ranges in metadata.jsonl
         from PIL import Image
 
         rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-        images = [np.asarray(Image.open(folder / row["file_name"]), dtype=np.uint8) for row in rows]
-        return as_pixels(torch.from_numpy(np.stack(images))), torch.tensor(
-            [row["label_logits"] for row in rows])
+        codes = nchw(torch.from_numpy(np.stack([np.asarray(Image.open(folder / r["file_name"]),
+                                                           dtype=np.uint8) for r in rows])))
+        if card.get("layout", 1) >= 2:
+            lo = torch.tensor([r["pixel_range"][0] for r in rows]).view(-1, 1, 1, 1)
+            hi = torch.tensor([r["pixel_range"][1] for r in rows]).view(-1, 1, 1, 1)
+            pixels = codes.float() / 255 * (hi - lo) + lo
+        else:
+            pixels = codes.float() / 255
+        logits = torch.tensor([r["label_logits"] for r in rows])
+        return preprocess(pixels, card, folder), logits
     t = read_tensors(folder / f"images.{card['format']}")
-    return t["images"].float(), t["label_logits"].float()
+    if "inputs" in t:
+        return t["inputs"].float(), t["label_logits"].float()
+    return preprocess(t["images"].float(), card, folder), t["label_logits"].float()
+
+
+def nchw(images: torch.Tensor) -> torch.Tensor:
+    """Images [N, H, W], [N, H, W, C] or [N, C, H, W] -> [N, C, H, W]."""
+    if images.dim() == 3:
+        return images[:, None]
+    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        return images.permute(0, 3, 1, 2)
+    return images
 
 
 def as_pixels(images: torch.Tensor) -> torch.Tensor:
     """uint8 images [N, H, W], [N, H, W, C] or [N, C, H, W] -> floats in [0, 1], [N, C, H, W]."""
-    if images.dim() == 3:
-        images = images[:, None]
-    elif images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
-        images = images.permute(0, 3, 1, 2)
-    return images.float() / 255
+    return nchw(images).float() / 255
 
 
 def load_test(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +94,7 @@ def load_test(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def preprocess(pixels: torch.Tensor, card: dict, folder: Path) -> torch.Tensor:
-    """Pixels in [0, 1] -> the network's input, as card["preprocessing"] describes."""
+    """Pixels on the [0, 1] scale -> the network's input, as card["preprocessing"] describes."""
     pre = card["preprocessing"]
     if pre["zca"]:  # whitening of raw pixels; no per-channel normalization on top
         zca = read_tensors(folder / pre["file"])
@@ -195,14 +216,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--models", type=int, help="override the recipe's number of networks")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="CPU threads (the recipe's `threads`: the "
+                        "pipeline's rounding); default: torch's")
     args = parser.parse_args()
     if (args.test is None) == (args.torchvision is None):
         parser.error("pass exactly one of --test FILE or --torchvision NAME")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     card = json.loads((args.export / "dataset_card.json").read_text())
     recipe = card["recipe"]
-    pixels, logits = load_set(args.export, card)
+    x, logits = load_set(args.export, card)
+    x = x.to(args.device)
     test_pixels, y_test = load_test(args)
-    x = preprocess(pixels, card, args.export).to(args.device)
     x_test = preprocess(test_pixels, card, args.export).to(args.device)
     epochs, models = args.epochs or recipe["epochs"], args.models or recipe["models"]
     accs = []
@@ -212,7 +237,7 @@ def main() -> None:
         print(f"model {k + 1}/{models}: test accuracy {accs[-1]:.6f}", flush=True)
     std = float(torch.tensor(accs, dtype=torch.float64).std()) if models > 1 else 0.0
     print(f"test accuracy {100 * sum(accs) / models:.2f} ± {100 * std:.2f} % over {models} "
-          f"models, {epochs} epochs (datm measured: {card.get('accuracy', {}).get('distilled')})")
+          f"models, {epochs} epochs (the card: {card.get('accuracy', {}).get('distilled')})")
 
 
 if __name__ == "__main__":

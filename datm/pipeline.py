@@ -7,16 +7,18 @@ only on the code it runs; DVC stages import their step module directly, never th
 from __future__ import annotations
 
 from .steps.buffers import buffer_status, buffers
+from .steps.decompose import decompose_ipc
 from .steps.distill import distill
 from .steps.download import download
-from .steps.evaluate import baseline_ipc, check_finite, crossarch_ipc, evaluate_ipc, fullset
-from .steps.export import evaluate_export, export_ipc
+from .steps.evaluate import baseline_ipc, check_finite, crossarch_ipc, evaluate_ipc
+from .steps.export import FromOptions, evaluate_from, export_ipc
 from .steps.project import (
     VOLATILE,
     ModelData,
     data_identity,
     distilled_ipcs,
     distilled_pixels,
+    full_dataset,
     load_distilled,
     model_data,
     settled,
@@ -24,8 +26,8 @@ from .steps.project import (
 )
 from .steps.zca import fit_zca
 
-__all__ = ["VOLATILE", "ModelData", "baseline_ipc", "buffer_status", "buffers", "check_finite",
-           "crossarch_ipc", "data_identity",
-           "distill", "distilled_ipcs", "distilled_pixels", "download", "evaluate_export",
-           "evaluate_ipc", "export_ipc", "fit_zca", "fullset", "load_distilled", "model_data",
+__all__ = ["VOLATILE", "FromOptions", "ModelData", "baseline_ipc", "buffer_status", "buffers", "check_finite",
+           "crossarch_ipc", "data_identity", "decompose_ipc",
+           "distill", "distilled_ipcs", "distilled_pixels", "download", "evaluate_from",
+           "evaluate_ipc", "export_ipc", "fit_zca", "full_dataset", "load_distilled", "model_data",
            "settled", "write_json"]

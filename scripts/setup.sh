@@ -17,7 +17,17 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+# requirements.lock pins every package with its hashes (pip-compile, Python 3.11 on Linux
+# x86_64): the versions the README's numbers were measured with. On another Python the ranges
+# of pyproject.toml apply instead, and numbers may move with the versions.
+LOCKED_PY=3.11
+if [ "$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$LOCKED_PY" ]; then
+  .venv/bin/python -m pip install -q --require-hashes -r requirements.lock
+  .venv/bin/python -m pip install -q --no-deps -e .
+else
+  echo "warning: requirements.lock is for Python $LOCKED_PY; installing from pyproject.toml's ranges" >&2
+  .venv/bin/python -m pip install -q -e ".[pipeline,dev]"
+fi
 [ -d .git ] || git init -q
 [ -d .dvc ] || .venv/bin/dvc init -q
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 
-from datm import artifacts, experts
 from datm.distributed import SINGLE, Group
 from datm.steps.buffers import buffers
 from datm.steps.project import write_json
@@ -47,26 +46,30 @@ def run(params: str = "params.yaml", root: str = ".", group: Group = SINGLE) -> 
                 bar.console.print(f"expert {e['index']}: test acc "
                                   f"{e['meta']['test_acc'][-1]:.4f} in {e['seconds']:.0f}s")
 
-        summary = buffers(p, pa, on_event, group=group)
+        summary, timing = buffers(p, pa, on_event, group=group)
         bar.update(task, completed=len(summary["runs"]))  # the other processes' experts too
         for row in summary["runs"]:  # their curves, from their files (rank 0 alone logs)
             k = row["expert"]
-            if group.distributed and row["seconds"] and k not in mine and tracker.active:
-                meta = artifacts.read_meta(experts.expert_path(pa.buffers, k), experts.KIND)
-                for epoch, (train, test) in enumerate(zip(meta["train_acc"], meta["test_acc"])):
+            if group.distributed and k in timing and k not in mine and tracker.active:
+                for epoch, (train, test) in enumerate(zip(row["train_acc"], row["test_acc"])):
                     tracker.metrics({f"expert_{k:03d}.train_acc": train,
                                      f"expert_{k:03d}.test_acc": test}, epoch + 1)
-        tracker.metrics({"expert_acc": summary["expert_acc"]}, 0)
-        tracker.pipeline_metrics({"acc.experts": summary["expert_acc"]})
+        # wall times: the console and MLflow only, never metrics/buffers.json (DVC tracks it)
+        tracker.metrics({"full_dataset": summary["full_dataset"],
+                         "full_dataset_std": summary["full_dataset_std"],
+                         **{f"expert_{k:03d}.{key}": v for k, t in timing.items()
+                            for key, v in t.items()}}, 0)
+        tracker.pipeline_metrics({"acc.full_dataset": summary["full_dataset"]})
     if group.is_main:
         write_json(pa.metrics / "buffers.json", summary)
     runs = summary["runs"]
-    timed = [r for r in runs if r["seconds"]]
-    images = sum(r["images_per_second"] * r["seconds"] for r in timed)
-    speed = (f", {images / sum(r['seconds'] for r in timed):.0f} images/s over the {len(timed)} "
-             "trained now" if timed else ", all found finished")
-    common.console.print(f"[green]buffers:[/] {len(runs)} experts, final test acc "
-                         f"{summary['expert_acc']:.4f} (min {min(r['acc'] for r in runs):.4f}){speed}")
+    seconds = sum(t["seconds"] for t in timing.values())
+    images = sum(t["images_per_second"] * t["seconds"] for t in timing.values())
+    speed = (f", {images / seconds:.0f} images/s over the {len(timing)} trained now" if timing
+             else ", all found finished")
+    common.console.print(f"[green]buffers:[/] {len(runs)} experts of {cfg.epochs} epochs, final "
+                         f"test acc {summary['full_dataset']:.4f} ± {summary['full_dataset_std']:.4f}"
+                         f" (min {min(r['acc'] for r in runs):.4f}), the full-set reference{speed}")
     return summary
 
 

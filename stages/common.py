@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from datm.distributed import (
 )
 from datm.errors import UserError
 from datm.tracking import Tracker
+from stages import LAUNCHER_ENV, STARTER_ENV
 
 # soft_wrap: rich would otherwise wrap at 80 columns when stderr is a pipe (DVC, CI), turning
 # the one-line error into several.
@@ -59,6 +61,7 @@ console = Console(stderr=True, soft_wrap=True)
 RANKS_ENV = "DATM_RANKS"             # processes per stage, for stages run by hand (not DVC)
 OWN_LAUNCH_ENV = "DATM_OWN_LAUNCH"   # set for the ranks of `torchrun` below
 TIMEOUT_ENV = "DATM_DIST_TIMEOUT_S"  # how long a rank waits for the others in a collective
+ERRORS_ENV = "DATM_RANK_ERRORS"      # where datm's own launch collects ranks' error lines
 INTERRUPTED = "[yellow]interrupted:[/] run the same command again to resume"
 _rank = 0  # this process's rank when torchrun started it (its error lines say so)
 
@@ -156,7 +159,10 @@ def guarded(fn: Callable[[], object], announce: bool = True) -> int:
         if os.environ.get("DATM_DEBUG"):
             raise
         message = escape(str(exc))  # e.g. gloo's "[.../pair.cc:545] ..." is not markup
-        if _rank:  # the console of ranks other than 0 is quiet; an error must still show
+        errors = os.environ.get(ERRORS_ENV)
+        if _rank and errors:  # datm's own launch prints it if rank 0 has no error of its own
+            Path(errors, f"rank{_rank}.err").write_text(str(exc))
+        elif _rank:  # the console of ranks other than 0 is quiet; an error must still show
             Console(stderr=True, soft_wrap=True).print(
                 f"[bold red]error:[/] rank {_rank}: {message}", highlight=False)
         else:
@@ -180,8 +186,17 @@ def progress_bar() -> Iterator[Progress]:
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                    console=console, transient=False, refresh_per_second=4,
                    disable=console.quiet)
-    with bar:
+    bar.start()
+    try:
         yield bar
+    except BaseException:
+        # A stage that fails (or is interrupted) says why in one line; its bar, left where the
+        # work stopped, would stand above it: the bar goes (a finished one stays). Not
+        # bar.stop(): on a pipe it ends the bar's line, which would leave an empty one.
+        bar.live.transient = True
+        bar.live.stop()
+        raise
+    bar.stop()
 
 
 # --- several processes: torchrun -----------------------------------------------------------------
@@ -298,7 +313,9 @@ def torchrun(world: int, module: str, args: Sequence[str]) -> int:
     Each process gets an equal share of the cores unless OMP_NUM_THREADS says otherwise
     (torchrun itself would give each one thread).
     """
-    env = dict(os.environ, **{OWN_LAUNCH_ENV: "1"})
+    # STARTER_ENV: the launch ends with this process, even with one killed by SIGKILL
+    # (stages/__init__.py), and so do its ranks: none goes on to write a failed stage's outputs.
+    env = dict(os.environ, **{OWN_LAUNCH_ENV: "1", STARTER_ENV: str(os.getpid())})
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // world)))
     cmd = [sys.executable, "-m", "stages.common", "--standalone", f"--nproc_per_node={world}",
            "-m", module, *args]
@@ -340,21 +357,22 @@ def _launch(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    if sys.platform.startswith("linux"):  # end with the stage process, even when it is killed
-        try:
-            import ctypes
-
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
     for name in list(logging.root.manager.loggerDict):  # its warnings: the ranks say it
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    import tempfile
+
+    errors = tempfile.mkdtemp(prefix="datm-rank-errors-")
     try:
         interrupts.release()  # a Ctrl-C held since this process started (stages/__init__.py)
+        # The ranks end with this process (stages/__init__.py): torchrun starts them from
+        # this thread, as its children, with the environment of this process.
+        os.environ[LAUNCHER_ENV] = str(os.getpid())
+        os.environ[ERRORS_ENV] = errors
         torch_run.run(torch_run.parse_args(argv))
     except ChildFailedError as exc:
+        _report_rank_errors(exc.failures, Path(errors))
         rank, failure = exc.get_first_failure()
         if failure.exitcode == -signal.SIGINT:  # Ctrl-C (interrupts.fatal): `torchrun` says so
             return 130
@@ -372,7 +390,22 @@ def _launch(argv: list[str]) -> int:
         return 128 + int(exc.sigval)
     except KeyboardInterrupt:  # Ctrl-C before torchrun took over the signals: no rank yet
         return 130  # `torchrun`, which started this process, says so
+    finally:
+        shutil.rmtree(errors, ignore_errors=True)
     return 0
+
+
+def _report_rank_errors(failures: dict, errors: Path) -> None:
+    """One error line for a launch: rank 0 printed its own; when it had none, the first other
+    rank's (a user error every rank hit, or a peer lost because rank 0 stopped, is one line)."""
+    if 0 in failures and failures[0].exitcode == 2:
+        return
+    for rank in sorted(failures):
+        saved = errors / f"rank{rank}.err"
+        if failures[rank].exitcode == 2 and saved.is_file():
+            console.print(f"[bold red]error:[/] rank {rank}: {escape(saved.read_text())}",
+                          highlight=False)
+            return
 
 
 if __name__ == "__main__":

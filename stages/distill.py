@@ -58,6 +58,12 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = Fa
             if e["event"] == "start":
                 holder.update(state=e["initial"], pixels=e["pixels"])
                 bar.update(task, completed=e["iteration"])
+                if cfg.window == "auto":
+                    t_min, _, t_max = e["window"]
+                    bar.console.print(f"ipc {ipc}: window auto -> start epochs [{t_min}, "
+                                      f"{t_max}) of the experts, M {cfg.expert_epochs}")
+                    tracker.params({"window.min_start_epoch": t_min,
+                                    "window.max_start_epoch": t_max})
                 if e["resumed"]:
                     bar.console.print(f"resuming ipc {ipc} at iteration {e['iteration']}")
                 else:

@@ -18,7 +18,8 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
                          "test_images": summary["test_images"]}, 0)
     common.console.print(f"[green]download:[/] {summary['train_images']} train / "
                          f"{summary['test_images']} test images, {summary['classes']} classes, "
-                         f"shape {summary['shape']} -> {pa.train.parent}")
+                         f"shape {summary['shape']}, from {summary['source']} -> "
+                         f"{pa.train.parent}", highlight=False)
     return summary
 
 

@@ -1,9 +1,10 @@
-"""Stages fullset, baseline@<ipc> and evaluate@<ipc>: accuracy of fresh networks trained on
-each set.
+"""Stages baseline@<ipc>, evaluate@<ipc> and crossarch@<ipc>: accuracy of fresh networks
+trained on each set.
 
-`python -m stages.evaluate --fullset` trains on the whole real set, `--baseline N` on a random
-real subset of N images per class (both cached: distill settings do not touch them); `--ipc N`
-evaluates the distilled set beside that baseline. With `launch.<stage>` W > 1 the models are
+`python -m stages.evaluate --baseline N` trains on a random real subset of N images per class
+(cached: distill settings do not touch it); `--ipc N` evaluates the distilled set beside that
+baseline and the full-set reference (the experts'); `--crossarch N` both sets on the other
+architectures. With `launch.<stage>` W > 1 the models are
 dealt out to W processes (model k on process k % W; the same accuracies as one).
 """
 
@@ -12,11 +13,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 
 from datm.config import Params
 from datm.distributed import SINGLE, Group
-from datm.steps.evaluate import baseline_ipc, crossarch_ipc, evaluate_ipc, fullset
+from datm.steps.evaluate import baseline_ipc, crossarch_ipc, evaluate_ipc
 from datm.tracking import Tracker
 from stages import common
 
@@ -31,10 +31,6 @@ def progress_events(tracker: Tracker, bar, task, prefix: str):
         elif e["event"] == "epoch":
             bar.update(task, completed=e["epoch"], total=e["epochs"],
                        info=f"{state['set']} model {state['model'] + 1}")
-        elif e["event"] == "test":  # the accuracy curve of a run asked for one (fullset)
-            key = state["set"].replace(" ", "_")
-            suffix = f".model_{state['model']}" if state["model"] else ""
-            tracker.metrics({f"{key}{suffix}.test_acc": e["acc"]}, e["epoch"])
         elif e["event"] == "model":
             state["model"] = e["model"] % e["models"]
             trained.add(state["set"])
@@ -58,24 +54,8 @@ def log_other_ranks(tracker: Tracker, on_event, runs: list[dict], group: Group,
             tracker.metrics({f"{name.replace(' ', '_')}.acc": row["acc"]}, row["model"] + 1)
 
 
-def run_fullset(params: str = "params.yaml", root: str = ".", group: Group = SINGLE) -> dict:
-    p, pa = common.load(params), common.paths(root)
-    with common.tracker("fullset", p, root, group=group) as tracker, \
-            common.progress_bar() as bar:
-        tracker.params({"evaluate": asdict(p.evaluate), "net": asdict(p.net)})
-        task = bar.add_task("full dataset", total=p.evaluate.fullset_epochs, info="")
-        events = progress_events(tracker, bar, task, "full dataset")
-        summary = fullset(p, pa, events, group=group)
-        log_other_ranks(tracker, events, summary["runs"], group)
-        tracker.metrics({"full_dataset": summary["full_dataset"], "seconds": summary["seconds"]}, 0)
-        tracker.pipeline_metrics({"acc.full_dataset": summary["full_dataset"]})
-    common.console.print(f"[green]fullset:[/] {summary['full_dataset']:.4f} test accuracy "
-                         f"({p.evaluate.fullset_epochs} epochs, {summary['seconds']:.0f}s)")
-    return summary
-
-
 @contextmanager
-def _ipc_stage(stage: str, p: Params, root: str, ipc: int, group: Group, label: str,
+def ipc_stage(stage: str, p: Params, root: str, ipc: int, group: Group, label: str,
                prefix: str) -> Iterator[tuple[Tracker, object]]:
     """The MLflow run and progress bar of `<stage>@<ipc>`: (tracker, the event callback)."""
     with common.tracker(stage, p, root, f"{stage}@{ipc}", group) as tracker, \
@@ -89,7 +69,7 @@ def _ipc_stage(stage: str, p: Params, root: str, ipc: int, group: Group, label: 
 def run_baseline(ipc: int, params: str = "params.yaml", root: str = ".",
                  group: Group = SINGLE) -> dict:
     p, pa = common.load(params), common.paths(root)
-    with _ipc_stage("baseline", p, root, ipc, group, f"random real ipc {ipc}",
+    with ipc_stage("baseline", p, root, ipc, group, f"random real ipc {ipc}",
                     "random real") as (tracker, events):
         summary = baseline_ipc(p, pa, ipc, events, group=group)
         log_other_ranks(tracker, events, summary["runs"], group)
@@ -103,7 +83,7 @@ def run_baseline(ipc: int, params: str = "params.yaml", root: str = ".",
 
 def run(ipc: int, params: str = "params.yaml", root: str = ".", group: Group = SINGLE) -> dict:
     p, pa = common.load(params), common.paths(root)
-    with _ipc_stage("evaluate", p, root, ipc, group, f"evaluate ipc {ipc}",
+    with ipc_stage("evaluate", p, root, ipc, group, f"evaluate ipc {ipc}",
                     "") as (tracker, events):
         summary = evaluate_ipc(p, pa, ipc, events, group=group)
         log_other_ranks(tracker, events, summary["runs"], group)
@@ -124,7 +104,7 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".", group: Group = S
 def run_crossarch(ipc: int, params: str = "params.yaml", root: str = ".",
                   group: Group = SINGLE) -> dict:
     p, pa = common.load(params), common.paths(root)
-    with _ipc_stage("crossarch", p, root, ipc, group, f"cross-architecture ipc {ipc}",
+    with ipc_stage("crossarch", p, root, ipc, group, f"cross-architecture ipc {ipc}",
                     "") as (tracker, events):
         summary = crossarch_ipc(p, pa, ipc, events, group=group)
         for row in summary["archs"]:
@@ -142,49 +122,37 @@ def run_crossarch(ipc: int, params: str = "params.yaml", root: str = ".",
     return summary
 
 
-STAGES = {"fullset": run_fullset, "baseline": run_baseline, "evaluate": run,
-          "crossarch": run_crossarch}
+STAGES = {"baseline": run_baseline, "evaluate": run, "crossarch": run_crossarch}
 
 
 def models(stage: str, p: Params, ipc: int | None) -> int:
     """The models `stage` trains per set: the most processes it can keep busy."""
-    if stage == "fullset":
-        return p.evaluate.fullset_models
     cfg = p.evaluation(ipc)  # also a clear error for an IPC that is not configured
     return 1 if stage == "crossarch" and not cfg.cross_archs else cfg.models
 
 
-def start(stage: str, ipc: int | None = None, params: str = "params.yaml",
-          root: str = ".") -> int:
-    """`stage` (fullset, baseline, evaluate or crossarch) as `launch.<stage>` (or DATM_RANKS)
+def start(stage: str, ipc: int, params: str = "params.yaml", root: str = ".") -> int:
+    """`stage` (baseline, evaluate or crossarch) as `launch.<stage>` (or DATM_RANKS)
     processes, at most one per model (stages/common.py); its exit code."""
-    flag = {"fullset": ["--fullset"], "baseline": ["--baseline", str(ipc)],
+    flag = {"baseline": ["--baseline", str(ipc)],
             "evaluate": ["--ipc", str(ipc)], "crossarch": ["--crossarch", str(ipc)]}[stage]
     fn = STAGES[stage]
 
-    def go(group: Group) -> dict:
-        if stage == "fullset":
-            return fn(params, root, group)
-        return fn(ipc, params, root, group)
-
     return common.start(stage, "stages.evaluate", [*flag, "--params", params, "--root", root],
-                        go, params, most=lambda p: models(stage, p, ipc))
+                        lambda group: fn(ipc, params, root, group), params,
+                        most=lambda p: models(stage, p, ipc))
 
 
 if __name__ == "__main__":
     args = common.parse(__doc__, lambda a: (a.add_argument("--ipc", type=int),
                                             a.add_argument("--baseline", type=int, metavar="N"),
-                                            a.add_argument("--crossarch", type=int, metavar="N"),
-                                            a.add_argument("--fullset", action="store_true")))
-    if args.fullset:
-        sys.exit(start("fullset", None, args.params, args.root))
-    elif args.baseline is not None:
+                                            a.add_argument("--crossarch", type=int, metavar="N")))
+    if args.baseline is not None:
         sys.exit(start("baseline", args.baseline, args.params, args.root))
     elif args.crossarch is not None:
         sys.exit(start("crossarch", args.crossarch, args.params, args.root))
     elif args.ipc is None:
-        common.console.print("[bold red]error:[/] pass --ipc N, --baseline N, --crossarch N or "
-                             "--fullset")
+        common.console.print("[bold red]error:[/] pass --ipc N, --baseline N or --crossarch N")
         raise SystemExit(2)
     else:
         sys.exit(start("evaluate", args.ipc, args.params, args.root))

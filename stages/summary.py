@@ -82,14 +82,48 @@ def _crossarch_table(rows: list[dict], cross: dict[int, list[dict]], arch: str) 
     return lines + [""]
 
 
+def _decompose_table(parts: dict[int, dict]) -> list[str]:
+    """Per IPC, the four sets of decompose@N: where the gain over random real comes from."""
+    if not parts:
+        return []
+    lines = ["## Where the gain comes from", "",
+             "Each IPC's recipe, four sets: the distilled images with their learned labels "
+             "(evaluate@N) and with hard labels, at the distilled set's lr and seeds; a random "
+             "real subset (baseline@N's) with the experts' soft labels (DATM's label rule) and "
+             "with hard labels (baseline@N), at the baseline's lr and seeds. Images gain: "
+             "distilled vs random images, both with hard labels; labels gain: soft vs hard "
+             "labels on the random images.", "",
+             "| IPC | distilled + learned labels | distilled + hard labels | random real + "
+             "expert labels | random real + hard labels | images gain | labels gain |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for ipc, d in sorted(parts.items()):
+        cells = [f"{_pct(d[k])} ± {_pct(d[k + '_std'])}" for k in
+                 ("distilled_soft", "distilled_hard", "random_soft", "random_hard")]
+        lines.append(f"| {ipc} | {' | '.join(cells)} | {_pct(d['images_gain'], signed=True)} | "
+                     f"{_pct(d['labels_gain'], signed=True)} |")
+    return lines + [""]
+
+
+def _environment(rows: list[dict]) -> str:
+    envs = {json.dumps(r.get("env"), sort_keys=True) for r in rows if r.get("env")}
+    if len(envs) != 1:
+        return "" if not envs else " Measured under several environments (see metrics/)."
+    env = json.loads(envs.pop())
+    threads = f", {env['threads']} thread(s) per process" if env.get("threads") else ""
+    return (f" Measured with torch {env['torch']}, torchvision {env['torchvision']} on "
+            f"{env['device']}{threads} (they change the last digits).")
+
+
 def _markdown(rows: list[dict], grids: list[Path], p: Params, classes: list[str],
-              commit: str, cross: dict[int, list[dict]]) -> str:
+              commit: str, cross: dict[int, list[dict]], parts: dict[int, dict]) -> str:
     """The report: where each IPC stands against the full set, under which recipe, and what
     the sets look like; with the commit and settings it was made from."""
     lines = ["# datm summary", "",
              f"Dataset `{p.data.name}`, network {p.evaluate.arch} (width {p.net.width}, depth "
              f"{p.net.depth}); mean ± std test accuracy (%) of fresh networks; git commit "
-             f"`{commit}`. Gap: distilled minus full dataset (lossless at >= 0).", "",
+             f"`{commit}`. Full dataset: the experts' final test accuracy (they train on the "
+             "whole training set to convergence). Gap: distilled minus full dataset (lossless "
+             f"at >= 0).{_environment(rows)}", "",
              "![accuracy vs IPC](accuracy_vs_ipc.png)", "",
              "| IPC | share of the training set (%) | distilled | random real | full dataset "
              "| gap | evaluation: models x epochs (SGD steps each) | final matching loss |",
@@ -100,10 +134,13 @@ def _markdown(rows: list[dict], grids: list[Path], p: Params, classes: list[str]
         lines.append(
             f"| {r['ipc']} | {_pct(r.get('train_fraction'))} | {_pct(r['distilled'])} ± "
             f"{_pct(r['distilled_std'])} | {_pct(r['random_real'])} ± "
-            f"{_pct(r['random_real_std'])} | {_pct(r.get('full_dataset'))} | "
+            f"{_pct(r['random_real_std'])} | {_pct(r.get('full_dataset'))}"
+            + (f" ± {_pct(r['full_dataset_std'])}" if r.get("full_dataset_std") is not None
+               else "") + " | "
             f"{_pct(r.get('gap_to_full'), signed=True)} | {cfg.models} x {cfg.epochs} ({steps}) "
             f"| {r['matching_loss']:.4f} |")
-    lines += ["", *_crossarch_table(rows, cross, p.evaluate.arch), "## Distilled images "
+    lines += ["", *_crossarch_table(rows, cross, p.evaluate.arch), *_decompose_table(parts),
+              "## Distilled images "
               "(de-whitened)", "",
               "One row per class, top to bottom: " + ", ".join(classes) + ".", ""]
     for grid, ipc in zip(grids, p.ipcs):
@@ -114,14 +151,17 @@ def _markdown(rows: list[dict], grids: list[Path], p: Params, classes: list[str]
     return "\n".join(lines)
 
 
+def _read(path: Path, stage: str) -> dict:
+    if not path.is_file():
+        raise artifacts.ArtifactError(f"missing {path}: run {stage} first")
+    return json.loads(path.read_text())
+
+
 def run(params: str = "params.yaml", root: str = ".") -> dict:
     p, pa = common.load(params), common.paths(root)
-    rows = []
-    for ipc in p.ipcs:
-        path = pa.evaluation(ipc)
-        if not path.is_file():
-            raise artifacts.ArtifactError(f"missing {path}: run evaluate@{ipc} first")
-        rows.append(json.loads(path.read_text()))
+    rows = [_read(pa.evaluation(ipc), f"evaluate@{ipc}") for ipc in p.ipcs]
+    cross = {ipc: _read(pa.crossarch(ipc), f"crossarch@{ipc}")["archs"] for ipc in p.cross_ipcs}
+    parts = {ipc: _read(pa.decompose(ipc), f"decompose@{ipc}") for ipc in p.decompose_ipcs}
     with common.tracker("summary", p, root) as tracker:
         fig = _accuracy_figure(rows, pa.reports / "accuracy_vs_ipc.png")
         tracker.figure(fig, "accuracy_vs_ipc.png")
@@ -132,6 +172,9 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
             tracker.metrics({"distilled_acc": r["distilled"], "random_acc": r["random_real"]},
                             r["ipc"])
             # every IPC's result on the parent run, also those DVC took from its cache
+            tracker.pipeline_metrics({f"decompose.ipc{r['ipc']}.{k}": v
+                                      for k, v in parts.get(r["ipc"], {}).items()
+                                      if k.endswith(("soft", "hard", "gain"))})
             tracker.pipeline_metrics({f"acc.distilled.ipc{r['ipc']}": r["distilled"],
                                       f"acc.random_real.ipc{r['ipc']}": r["random_real"],
                                       "acc.full_dataset": r.get("full_dataset"),
@@ -142,9 +185,7 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
         report = pa.reports / "summary.md"
         with artifacts.atomic_path(report) as tmp:
             classes = load_distilled(pa.distilled(p.ipcs[0]))[1]["classes"]
-            cross = {ipc: json.loads(path.read_text())["archs"] for ipc in p.ipcs
-                     if (path := pa.crossarch(ipc)).is_file()}
-            tmp.write_text(_markdown(rows, grids, p, classes, git_commit(root), cross))
+            tmp.write_text(_markdown(rows, grids, p, classes, git_commit(root), cross, parts))
         tracker.artifact(report)
     common.console.print(f"[green]summary:[/] {report}")
     return {"accuracy": table, "report": str(report)}

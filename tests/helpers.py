@@ -137,7 +137,7 @@ def tiny_params(name: str = "fashion_mnist", root: str = "standin", zca: bool = 
                          "grid_every": 2},
         },
         "evaluate": {"models": 1, "epochs": 2, "batch": 32, "arch": "convnet",
-                     "fullset_epochs": 1, "fullset_lr": 0.05, "fullset_batch": 64},
+                     "cross_archs": ["convnet_bn"], "cross_ipcs": [2], "decompose_ipcs": [1]},
     }
     params = _overlay(shipped_params(), tiny)
     params["distill"]["ipc"] = {

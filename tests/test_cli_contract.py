@@ -170,7 +170,7 @@ def test_an_unknown_preset_is_one_line_and_leaves_params_alone(tmp_path):
 def test_evaluate_stage_without_flags_is_one_line(tmp_path):
     helpers.write_params(tmp_path, helpers.tiny_params())
     result = helpers.run(stage("evaluate"), cwd=tmp_path, env=helpers.stage_env())
-    assert_one_line_error(result, "--ipc", "--fullset")
+    assert_one_line_error(result, "--ipc", "--crossarch")
 
 
 # --- an image folder becomes a dataset -----------------------------------------------------------

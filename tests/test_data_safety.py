@@ -32,8 +32,8 @@ def _files(root: Path) -> dict[str, bytes]:
 def _run_all(paths: Paths, raw: dict) -> None:
     params = Params.from_dict(raw)
     pipeline.fit_zca(params, paths)
-    pipeline.buffers(params, paths)
-    pipeline.fullset(params, paths)
+    summary, _ = pipeline.buffers(params, paths)
+    pipeline.write_json(paths.metrics / "buffers.json", summary)  # what the stage writes
     for ipc in params.ipcs:
         pipeline.distill(params, paths, ipc)
         pipeline.evaluate_ipc(params, paths, ipc)
@@ -63,6 +63,120 @@ def test_a_bad_net_setting_keeps_every_finished_expert(tmp_path, key, value, fra
     assert code == 2
     assert fragment in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in paths.buffers.iterdir()} == before
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"buffers": {"epochs": 1}}, "reads expert epochs up to T+ - 1 + M = 2"),
+    ({"distill": {"defaults": {"label_epoch": 5}}}, "label_epoch 5 is past the experts' last"),
+])
+def test_a_setting_a_later_stage_refuses_never_replaces_the_experts(tmp_path, change, fragment,
+                                                                    capsys, monkeypatch):
+    """The check that experts cover every window used to run inside distill only: buffers
+    first retrained (deleted) the experts for a buffers.epochs that distill then refused.
+    Cross-setting rules are config validation now, before any stage touches an artifact."""
+    monkeypatch.setenv("DATM_TRACKING", "off")
+    paths = Paths(tmp_path)
+    write_splits(paths)
+    raw = tiny_raw()
+    pipeline.fit_zca(Params.from_dict(raw), paths)
+    pipeline.buffers(Params.from_dict(raw), paths)
+    before = {p.name: p.read_bytes() for p in paths.buffers.iterdir()}
+    helpers.write_params(tmp_path, helpers._overlay(raw, change))
+    from stages import buffers as stage
+
+    code = common.guarded(lambda: stage.run(str(tmp_path / "params.yaml"), str(tmp_path)))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("error:") == 1
+    assert {p.name: p.read_bytes() for p in paths.buffers.iterdir()} == before
+
+
+def test_settings_that_diverge_are_refused_before_the_experts_are_replaced(tmp_path, capsys,
+                                                                          monkeypatch):
+    """A setting that passes validation but cannot train (its first steps go NaN) is found by
+    a few probe steps, before the experts of the old settings are dropped."""
+    monkeypatch.setenv("DATM_TRACKING", "off")
+    paths = Paths(tmp_path)
+    write_splits(paths)
+    raw = tiny_raw()
+    pipeline.fit_zca(Params.from_dict(raw), paths)
+    pipeline.buffers(Params.from_dict(raw), paths)
+    before = {p.name: p.read_bytes() for p in paths.buffers.iterdir()}
+    raw["buffers"]["lr"] = 9.5
+    helpers.write_params(tmp_path, raw)
+    from datm import experts
+    from stages import buffers as stage
+
+    real = experts.train_group
+    monkeypatch.setattr(experts, "train_group", lambda *a, **k: (
+        lambda t, h: (t * float("nan"), h))(*real(*a, **k)))
+    code = common.guarded(lambda: stage.run(str(tmp_path / "params.yaml"), str(tmp_path)))
+    err = capsys.readouterr().err
+    assert code == 2 and "diverge" in err and err.count("error:") == 1
+    assert {p.name: p.read_bytes() for p in paths.buffers.iterdir()} == before
+
+
+@pytest.mark.parametrize("section, key, value, fragment", [
+    (None, "seed", 2**64, "seed must lie in"),
+    ("augment", "crop", -1, "crop must lie in"),
+    ("augment", "scale", 0, "scale must be >= 1"),
+    ("buffers", "lr", 1e30, "lr must lie in"),
+    ("buffers", "momentum", -1, "momentum must lie in"),
+    ("evaluate", "momentum", -1, "momentum must lie in"),
+    ("evaluate", "weight_decay", -1, "weight_decay must be >= 0"),
+    ("evaluate", "lr", 1e30, "lr must lie in"),
+    ("evaluate", "random_lr", -0.01, "random_lr must lie in"),
+    ("distill.ipc.1", "batch_syn", -1, "batch_syn must be >= 0"),
+    ("distill.defaults", "grid_every", 0, "grid_every and max_nonfinite"),
+    ("distill.ipc.2", "lr_img", -1, "lr_img, lr_y"),
+])
+def test_values_out_of_range_are_config_errors(section, key, value, fragment):
+    raw = tiny_raw()
+    node = raw
+    for part in (section.split(".") if section else []):
+        node = node[int(part) if part.isdigit() else part]
+    node[key] = value
+    with pytest.raises(ConfigError, match=fragment):
+        Params.from_dict(raw)
+
+
+def test_a_device_this_machine_lacks_is_a_config_error():
+    raw = tiny_raw()
+    raw["device"] = "mps"
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(ConfigError, match="no Apple GPU"):
+        Params.from_dict(raw).torch_device()
+
+
+def test_a_missing_launch_count_is_a_config_error_not_a_dvc_failure_later():
+    raw = tiny_raw()
+    del raw["launch"]["decompose"]
+    with pytest.raises(ConfigError, match="launch.decompose"):
+        Params.from_dict(raw)
+
+
+def test_buffers_json_is_a_function_of_the_experts_alone(tmp_path, monkeypatch):
+    """No wall time in the file DVC tracks: a re-run that finds every expert finished writes
+    the very same bytes (it used to write the timings as null, and DVC saw a change)."""
+    monkeypatch.setenv("DATM_TRACKING", "off")
+    paths = Paths(tmp_path)
+    write_splits(paths)
+    raw = tiny_raw()
+    helpers.write_params(tmp_path, raw)
+    pipeline.fit_zca(Params.from_dict(raw), paths)
+    from stages import buffers as stage
+
+    stage.run(str(tmp_path / "params.yaml"), str(tmp_path))
+    first = (paths.metrics / "buffers.json").read_bytes()
+    stage.run(str(tmp_path / "params.yaml"), str(tmp_path))  # all found finished
+    assert (paths.metrics / "buffers.json").read_bytes() == first
+    text = first.decode()
+    for volatile in ("seconds", "images_per_second", "time", "host"):
+        assert volatile not in text, volatile
+    summary = json.loads(text)
+    assert summary["full_dataset"] == pytest.approx(
+        sum(r["acc"] for r in summary["runs"]) / len(summary["runs"]))
 
 
 @pytest.mark.parametrize("section, key, value, fragment", [
@@ -150,6 +264,30 @@ def test_download_stage_is_byte_reproducible(tmp_path):
         pipeline.download(params, paths)
         blobs.append((paths.train.read_bytes(), paths.test.read_bytes()))
     assert blobs[0] == blobs[1]
+
+
+def test_the_same_images_from_another_folder_give_the_same_bytes(tmp_path, monkeypatch):
+    """Where Fashion-MNIST was found (Debian's package, torchvision's layout under
+    data.root) is no input of the artifact: the data/ files, which DVC tracks and every later
+    stage depends on, hold the dataset's name, not a path of this machine."""
+    debian = helpers.make_fashion_mnist(tmp_path / "debian")
+    monkeypatch.setattr(data, "DEBIAN_FMNIST", debian)
+    monkeypatch.chdir(tmp_path)
+    found = []
+    for name, root in (("one", "datasets"), ("two", "elsewhere")):
+        if root != "datasets":  # torchvision's layout under a root of the user's
+            import shutil
+
+            shutil.copytree(debian, tmp_path / root / "FashionMNIST" / "raw")
+        raw = tiny_raw()
+        raw["data"]["root"] = root
+        paths = Paths(tmp_path / name)
+        summary = pipeline.download(Params.from_dict(raw), paths)
+        found.append((paths.train.read_bytes(), summary["source"]))
+    assert found[0][0] == found[1][0]
+    assert found[0][1] != found[1][1]  # the console still says where each came from
+    assert data.Split.load(tmp_path / "one" / "data" / "train.safetensors").source == \
+        "fashion_mnist"
 
 
 def test_rewriting_unchanged_inputs_invalidates_nothing_downstream(tmp_path):
@@ -279,7 +417,7 @@ def test_metrics_files_other_stages_read_hold_no_wall_time(tmp_path):
     paths = Paths(tmp_path)
     write_splits(paths)
     _run_all(paths, tiny_raw())
-    for path in (paths.fullset, paths.evaluation(1)):
+    for path in (paths.metrics / "buffers.json", paths.evaluation(1)):
         assert "seconds" not in json.dumps(json.loads(path.read_text()))
 
 
@@ -300,7 +438,8 @@ def _tiny_export(tmp_path: Path, fmt: str) -> Path:
 
     pixels = torch.rand(4, 1, 8, 8)
     logits = torch.randn(4, 2)
-    return export(pixels, logits, 0.01, ["a", "b"], tmp_path / f"out_{fmt}", fmt, {"ipc": 2})
+    return export(pixels, pixels, logits, 0.01, ["a", "b"], tmp_path / f"out_{fmt}", fmt,
+                  {"ipc": 2})
 
 
 def test_export_to_an_unwritable_place_is_a_user_error(tmp_path):
@@ -309,8 +448,8 @@ def test_export_to_an_unwritable_place_is_a_user_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(ExportError, match="cannot write the export"):
-        export(torch.rand(2, 1, 8, 8), torch.randn(2, 2), 0.01, ["a", "b"], blocker / "x",
-               "png", {})
+        x = torch.rand(2, 1, 8, 8)
+        export(x, x, torch.randn(2, 2), 0.01, ["a", "b"], blocker / "x", "png", {})
 
 
 @pytest.mark.parametrize("fmt, damage, fragment", [
@@ -324,7 +463,7 @@ def test_a_damaged_export_names_the_file(tmp_path, fmt, damage, fragment):
     from datm.export import read
 
     out = _tiny_export(tmp_path, fmt)
-    assert read(out)[0].shape == (4, 1, 8, 8)
+    assert read(out).images.shape == (4, 1, 8, 8)
     damage(out)
     with pytest.raises(ExportError, match=fragment):
         read(out)
@@ -387,7 +526,7 @@ def test_evaluation_settings_per_ipc_overlay_the_evaluate_section():
     with pytest.raises(ConfigError, match="evaluate.ipc has no entry for IPC 1"):
         Params.from_dict(raw)
     raw["evaluate"]["ipc"] = {"1": {}, "2": {"fullset_epochs": 7}}
-    with pytest.raises(ConfigError, match="fullset_epochs is the full-set run's"):
+    with pytest.raises(ConfigError, match="fullset_epochs is no longer a setting: the experts"):
         Params.from_dict(raw)
     raw["evaluate"]["ipc"] = {"1": {}, "2": {"epochs": "x"}}
     with pytest.raises(ConfigError, match=r"evaluate\.ipc\.2\.epochs must be int"):

@@ -20,9 +20,10 @@ import torch
 import yaml
 from helpers import DVC, REPO, datm, describe, ran_stages
 
-ALL_STAGES = {"download", "zca", "buffers", "fullset", "baseline@1", "baseline@2", "distill@1",
+ALL_STAGES = {"download", "zca", "buffers", "baseline@1", "baseline@2", "distill@1",
               "distill@2", "evaluate@1", "evaluate@2", "crossarch@1", "crossarch@2", "summary"}
-CROSSARCH = {"crossarch@1", "crossarch@2"}  # the recipe of their IPC, and cross_archs
+CROSSARCH = {"crossarch@2"}  # tiny_params' evaluate.cross_ipcs: the recipe of IPC 2, cross_archs
+DECOMPOSE = {"decompose@1"}  # tiny_params' evaluate.decompose_ipcs
 
 
 # --- static checks (fast) ------------------------------------------------------------------------
@@ -83,9 +84,11 @@ def test_dvc_accepts_the_pipeline(tmp_path):
     assert result.returncode == 0, describe(result)
     listed = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
     shipped = helpers.shipped_params()["distill"]["ipcs"]
-    expected = {"download", "zca", "buffers", "fullset", "summary"}
-    expected |= {f"{s}@{ipc}" for s in ("baseline", "distill", "evaluate", "crossarch")
-                 for ipc in shipped}
+    expected = {"download", "zca", "buffers", "summary"}
+    expected |= {f"{s}@{ipc}" for s in ("baseline", "distill", "evaluate") for ipc in shipped}
+    evaluate = helpers.shipped_params()["evaluate"]
+    expected |= {f"crossarch@{ipc}" for ipc in evaluate["cross_ipcs"]}
+    expected |= {f"decompose@{ipc}" for ipc in evaluate["decompose_ipcs"]}
     assert listed == expected
 
 
@@ -159,7 +162,8 @@ def test_repro_builds_every_artifact(e2e):
                 "artifacts/buffers/expert_001.safetensors",
                 "artifacts/distilled/ipc_1.safetensors", "artifacts/distilled/ipc_2.safetensors",
                 "metrics/evaluate/ipc_1.json", "metrics/evaluate/ipc_2.json",
-                "metrics/fullset.json", "metrics/buffers.json",
+                "metrics/buffers.json", "metrics/crossarch/ipc_2.json",
+                "metrics/decompose/ipc_1.json",
                 "reports/summary.md", "reports/accuracy_vs_ipc.png", "reports/grid_ipc_1.png",
                 "metrics/plots/accuracy.csv", "dvc.lock"):
         assert (root / rel).is_file(), rel
@@ -168,7 +172,7 @@ def test_repro_builds_every_artifact(e2e):
     test = data.Split.load(root / "data/test.safetensors")
     assert train.images.shape == (e2e.n_train, *e2e.shape)
     assert test.images.shape == (e2e.n_test, *e2e.shape)
-    assert train.num_classes == 10 and "standin" in train.source  # not Debian's real data
+    assert train.num_classes == 10 and train.source == e2e.name  # a name, never a path
     assert artifacts.read_meta(root / "artifacts/zca.safetensors", "zca")["enabled"] is (
         e2e.name == "fashion_mnist")
 
@@ -189,8 +193,8 @@ def test_repro_builds_every_artifact(e2e):
         assert ev["full_dataset"] is not None
         assert [r["set"] for r in ev["runs"]] == ["distilled", "random real"]
         assert {r["batch"] for r in ev["runs"]} == {e2e.params()["evaluate"]["batch"]}
-    full = json.loads((root / "metrics/fullset.json").read_text())
-    assert {r["batch"] for r in full["runs"]} == {e2e.params()["evaluate"]["fullset_batch"]}
+    full = json.loads((root / "metrics/buffers.json").read_text())  # the experts: the full set
+    assert full["full_dataset"] == sum(r["acc"] for r in full["runs"]) / 2 == ev["full_dataset"]
 
     report = (root / "reports/summary.md").read_text()
     assert re.search(r"^\| 1 \|", report, flags=re.M) and re.search(r"^\| 2 \|", report,
@@ -212,7 +216,8 @@ def test_mlflow_runs_carry_stage_and_commit(e2e):
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
     stages = {r.data.tags.get("stage") for r in runs}
-    assert {"download", "zca", "buffers", "fullset", "distill", "evaluate", "summary"} <= stages
+    assert {"download", "zca", "buffers", "distill", "evaluate", "crossarch", "decompose",
+            "summary"} <= stages
     for r in runs:
         assert r.data.tags.get("git_commit") == e2e.commit, r.data.tags
         assert r.info.status == "FINISHED"
@@ -272,15 +277,15 @@ def test_dvc_status_sees_exactly_the_changed_stage(e2e):
                               # summary's report states the evaluation epochs; the random real
                               # baselines train by the same recipe
                               (("evaluate", "epochs"), {"baseline@1", "baseline@2", "evaluate@1",
-                                                        "evaluate@2", "summary", *CROSSARCH}),
-                              # the small sets' batch: not the full-set run's (distill@N: the
-                              # recipe of its optional validation selection)
+                                                        "evaluate@2", "summary", *CROSSARCH,
+                                                        *DECOMPOSE}),
+                              # the sets' batch (distill@N: the recipe of its optional
+                              # validation selection)
                               (("evaluate", "batch"), {"baseline@1", "baseline@2", "distill@1",
                                                        "distill@2", "evaluate@1", "evaluate@2",
-                                                       *CROSSARCH}),
-                              # the full-set run's own settings: its result reaches
-                              # evaluate@N through fullset.json, a dep
-                              (("evaluate", "fullset_batch"), "fullset"),
+                                                       *CROSSARCH, *DECOMPOSE}),
+                              # the experts' schedule: they are the full-set reference too
+                              (("buffers", "epochs"), "buffers"),
                               # one IPC's evaluation recipe: that IPC's stages only
                               (("evaluate", "ipc", 2, "epochs"),
                                {"baseline@2", "distill@2", "evaluate@2",
@@ -344,7 +349,8 @@ def test_changing_buffers_lr_reruns_buffers_and_what_follows(e2e):
     result = e2e.repro()
     assert result.returncode == 0, describe(result)
     assert ran_stages(result.stdout) == {"buffers", "distill@1", "distill@2", "evaluate@1",
-                                         "evaluate@2", "summary", *CROSSARCH}, result.stdout
+                                         "evaluate@2", "summary", *CROSSARCH, *DECOMPOSE}, \
+        result.stdout
     experts = sorted((e2e.root / "artifacts/buffers").glob("expert_*.safetensors"))
     assert len(experts) == 2
     for path in experts:

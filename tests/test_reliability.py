@@ -146,7 +146,7 @@ def test_distill_removes_temps_a_killed_run_left(project):
 
 def _export(out: Path, value: float, force: bool = False) -> Path:
     pixels = torch.full((3, 1, 4, 4), value)
-    return export_mod.export(pixels, torch.zeros(3, 3), value, ["a", "b", "c"], out,
+    return export_mod.export(pixels, pixels, torch.zeros(3, 3), value, ["a", "b", "c"], out,
                              "safetensors", {"dataset": "t", "ipc": 1}, force=force)
 
 
@@ -173,7 +173,7 @@ def test_export_force_keeps_the_old_export_when_the_swap_fails(tmp_path, monkeyp
     with pytest.raises(export_mod.ExportError, match="injected"):
         _export(out, 0.75, force=True)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert export_mod.read(out)[2] == 0.25
+    assert export_mod.read(out).lr == 0.25
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ipc1"]
 
 
@@ -193,8 +193,9 @@ def rmtree(path, *a, **k):
         os._exit(9)
     return real_rmtree(path, *a, **k)
 os.replace, shutil.rmtree = replace, rmtree
-export.export(torch.full((3, 1, 4, 4), 0.75), torch.zeros(3, 3), 0.75, ["a", "b", "c"], out,
-              "safetensors", {"dataset": "t", "ipc": 1}, force=True)
+x = torch.full((3, 1, 4, 4), 0.75)
+export.export(x, x, torch.zeros(3, 3), 0.75, ["a", "b", "c"], out, "safetensors",
+              {"dataset": "t", "ipc": 1}, force=True)
 """
 
 
@@ -211,10 +212,10 @@ def test_export_force_killed_mid_swap_never_loses_the_export(tmp_path, point):
     expected = 0.25 if point == "before-new-in-place" else 0.75
     with pytest.raises(export_mod.ExportError, match="--force"):
         _export(out, 0.5)
-    assert export_mod.read(out)[2] == expected
+    assert export_mod.read(out).lr == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ipc1"]  # nothing left beside it
     _export(out, 0.5, force=True)
-    assert export_mod.read(out)[2] == 0.5
+    assert export_mod.read(out).lr == 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ipc1"]
 
 

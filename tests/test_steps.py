@@ -82,10 +82,12 @@ def test_buffers_step_resumes_and_keeps_matching_experts(project):
     params = Params.from_dict(tiny_raw())
     pipeline.fit_zca(params, project)
     events: list[dict] = []
-    summary = pipeline.buffers(params, project, events.append)
+    summary, timing = pipeline.buffers(params, project, events.append)
     assert trained(events) == [0, 1] and [r["expert"] for r in summary["runs"]] == [0, 1]
+    assert sorted(timing) == [0, 1] and all(t["seconds"] > 0 for t in timing.values())
     accs = [r["acc"] for r in summary["runs"]]
-    assert 0 <= min(accs) <= summary["expert_acc"] == sum(accs) / 2 <= 1
+    assert 0 <= min(accs) <= summary["full_dataset"] == sum(accs) / 2 <= 1
+    assert summary["full_dataset_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
     events.clear()
     pipeline.buffers(params, project, events.append)
     assert trained(events) == []  # nothing changed: nothing retrained
@@ -149,8 +151,8 @@ def test_distill_evaluate_export_in_process(project, tmp_path):
     out = pipeline.export_ipc(params, project, 2, "safetensors", tmp_path / "export")
     card = json.loads((out / "dataset_card.json").read_text())
     assert card["ipc"] == 2 and card["accuracy"]  # the evaluation is on the card
-    result = pipeline.evaluate_export(params, project, out)
-    assert 0 <= result["acc_mean"] <= 1 and result["ipc"] == 2
+    result = pipeline.evaluate_from(params, project, out)
+    assert 0 <= result["acc_mean"] <= 1 and result["recipe"]["ipc"] == 2
 
 
 def test_distill_refuses_experts_of_another_dataset(project):

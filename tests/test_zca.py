@@ -240,19 +240,32 @@ def test_zca_step_fits_on_raw_pixels(project):
     assert torch.allclose(md.pixels(md.x) * 255, train.images.float(), atol=1e-3)
 
 
-def test_evaluate_export_reads_sets_back_into_the_pipelines_model_space(project, tmp_path,
-                                                                      monkeypatch):
+@pytest.mark.parametrize("fmt", ["safetensors", "png"])
+def test_evaluate_from_reads_exports_back_into_the_pipelines_model_space(project, tmp_path,
+                                                                        monkeypatch, fmt):
+    """Lossless: the network inputs themselves. png: pixels, decoded and whitened by the run's
+    ZCA, within the 8 bits of each image's range (the ZCA scales an error by at most
+    (min eigenvalue + eps)^-1/2 <= eps^-1/2)."""
     params = Params.from_dict(helpers.tiny_params())
     pipeline.fit_zca(params, project)
     md = pipeline.model_data(project, torch.device("cpu"))
-    folder = export.export(md.pixels(md.x[:6]), torch.eye(3).repeat(2, 1), 0.01, md.classes,
-                           tmp_path / "export", "safetensors", {})
+    x = md.x[:6] * 3  # pixels far outside [0, 1], as distilled sets have them
+    pixels = data.to_pixels(x, md.mean, md.std, md.zca, clip=False)
+    assert pixels.min() < -0.5 and pixels.max() > 1.5
+    folder = export.export(x, pixels, torch.eye(3).repeat(2, 1), 0.01, md.classes,
+                           tmp_path / "export", fmt, {})
     seen = []
 
     def fake_evaluate_set(spec, x, *args, **kwargs):
         seen.append(x)
-        return {"mean": 0.0, "std": 0.0, "accs": []}
+        return {"mean": 0.0, "std": 0.0, "accs": [], "seconds": [0.0]}
 
     monkeypatch.setattr(evaluate, "evaluate_set", fake_evaluate_set)
-    pipeline.evaluate_export(params, project, folder)
-    assert torch.allclose(seen[0], md.x[:6], atol=1e-4)
+    pipeline.evaluate_from(params, project, folder)
+    if fmt == "safetensors":
+        assert torch.equal(seen[0], x)
+    else:
+        step = float(((pixels.flatten(1).amax(1) - pixels.flatten(1).amin(1)) / 510).max())
+        bound = step * pixels[0].numel() ** 0.5 / params.zca.eps ** 0.5
+        assert (seen[0] - x).abs().max() < bound
+        assert not torch.equal(seen[0], x)  # 8 bits: close, not equal

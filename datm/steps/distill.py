@@ -12,13 +12,14 @@ from ..distill import Distiller, DistillError, Selection
 from ..distributed import SINGLE, Group
 from ..events import Callback
 from ..provenance import code_digest
-from .project import model_data, quiet, settled
+from ..windows import auto_window, mean_curve
+from .project import device_of, model_data, quiet, settled
 
 # Modules whose code decides a distillation's result: a checkpoint made by other code is not
 # resumed (it would finish as a mix of two algorithms).
 DISTILL_CODE = ("datm.distill", "datm.matching", "datm.networks", "datm.augment",
                 "datm.precision", "datm.evaluate", "datm.experts", "datm.data", "datm.zca",
-                "datm.steps.distill")
+                "datm.windows", "datm.steps.distill")
 
 
 def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
@@ -26,11 +27,13 @@ def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
     """Distill one IPC, resuming from its checkpoint. On several ranks (`group`) every rank
     computes the same state (datm/distill.py); rank 0 alone writes checkpoints and the result."""
     cfg = params.distill(ipc)
-    device = group.device if group.distributed else params.torch_device()
+    device = device_of(params, group)
     buffer = experts.ExpertBuffer.open(paths.buffers)
     md = model_data(paths, device)
     if buffer.spec.num_classes != len(md.classes):
         raise DistillError("experts and dataset disagree on the number of classes: rerun buffers")
+    if cfg.window == "auto":
+        cfg = auto_window(cfg, mean_curve(buffer.metas), len(md.classes), md.x.shape[0])
     inputs = [md.identity, buffer.metas[0]["hash"], len(buffer), asdict(params.augment),
               code_digest(*DISTILL_CODE)]
     selection = None
@@ -51,7 +54,8 @@ def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
         state = Distiller.create(cfg, buffer, md.x, md.y, params.augment, selection,
                                  group=group)
     callback({"event": "start", "iteration": state.iteration, "iterations": cfg.iterations,
-              "resumed": resumed_at > 0, "initial": state, "pixels": md.pixels})
+              "resumed": resumed_at > 0, "initial": state, "pixels": md.pixels,
+              "window": (cfg.min_start_epoch, cfg.sg_start, cfg.max_start_epoch)})
     tic = time.perf_counter()
     state.run(callback, paths.checkpoint(ipc), identity)
     seconds = time.perf_counter() - tic

@@ -1,5 +1,5 @@
-"""Steps fullset, baseline@<ipc>, evaluate@<ipc> and crossarch@<ipc>: accuracy of fresh
-networks trained on each set.
+"""Steps baseline@<ipc>, evaluate@<ipc> and crossarch@<ipc>: accuracy of fresh networks
+trained on each set (the full-set reference is the experts', datm/steps/buffers.py).
 
 The random real baseline of an IPC depends on the evaluation recipe and the data, never on the
 distilled set: baseline@<ipc> computes it once into metrics/baseline/ipc_<ipc>.json, and
@@ -20,7 +20,17 @@ from ..config import EvalConfig, Params, Paths
 from ..distributed import SINGLE, Group
 from ..errors import UserError
 from ..events import Callback
-from .project import ModelData, load_distilled, model_data, quiet, write_json
+from .project import (
+    ModelData,
+    device_of,
+    environment,
+    full_dataset,
+    load_distilled,
+    model_data,
+    quiet,
+    set_digest,
+    write_json,
+)
 
 
 def check_finite(where: str | Path, **tensors: torch.Tensor) -> None:
@@ -32,36 +42,12 @@ def check_finite(where: str | Path, **tensors: torch.Tensor) -> None:
                         "lr_img / lr_lr")
 
 
-def runs(name: str, result: dict, lr: float, epochs: int, cfg: EvalConfig) -> list[dict]:
+def runs(name: str, result: dict, lr: float, epochs: int, cfg: EvalConfig,
+         **extra: str) -> list[dict]:
     """One record per trained model, for the metrics files' "runs" list."""
     return [{"set": name, "model": k, "acc": acc, "lr": lr, "epochs": epochs,
-             "batch": cfg.batch, "arch": cfg.arch}
+             "batch": cfg.batch, "arch": cfg.arch, **extra}
             for k, acc in enumerate(result["accs"])]
-
-
-def _device(params: Params, group: Group) -> torch.device:
-    """Where a step computes: the rank's own device on several ranks (its GPU)."""
-    return group.device if group.distributed else params.torch_device()
-
-
-def fullset(params: Params, paths: Paths, callback: Callback = quiet,
-            group: Group = SINGLE) -> dict:
-    """Accuracy of the evaluation network trained on the whole real training set."""
-    cfg = params.evaluate
-    md = model_data(paths, _device(params, group))
-    # Its own batch: `batch` is sized for sets of tens to hundreds of images (a few SGD steps
-    # per epoch); on the whole training set it would mean thousands of tiny steps per epoch.
-    full_cfg = replace(cfg, batch=cfg.fullset_batch)
-    spec = evaluate.arch_spec(md.spec(params), cfg.arch)
-    # test_every 1: the accuracy curve (MLflow) that shows whether fullset_epochs converge
-    result = evaluate.evaluate_set(spec, md.x, md.y, cfg.fullset_lr, cfg.fullset_epochs,
-                                   cfg.fullset_models, full_cfg, params.augment, md.x_test,
-                                   md.y_test, cfg.seed + 17, callback, group=group, test_every=1)
-    summary = {"full_dataset": result["mean"],
-               "runs": runs("full dataset", result, cfg.fullset_lr, cfg.fullset_epochs, full_cfg)}
-    if group.is_main:
-        write_json(paths.fullset, summary)  # evaluate@N depends on it: no wall times inside
-    return {**summary, "seconds": sum(result["seconds"])}
 
 
 def baseline_path(paths: Paths, ipc: int) -> Path:
@@ -84,7 +70,7 @@ def _protocol(params: Params, md: ModelData, ipc: int) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _random_real(params: Params, md: ModelData, ipc: int, callback: Callback,
+def random_real(params: Params, md: ModelData, ipc: int, callback: Callback,
                  arch: str | None = None, group: Group = SINGLE) -> dict:
     """`evaluate.models` fresh networks on a random real subset of `ipc` images per class, on
     the IPC's architecture or on `arch` (the cross-architecture table)."""
@@ -98,7 +84,7 @@ def _random_real(params: Params, md: ModelData, ipc: int, callback: Callback,
                                  cfg.models, cfg, params.augment, md.x_test, md.y_test,
                                  cfg.seed + 1, callback, group=group)
     return {"ipc": ipc, "random_real": rand["mean"], "random_real_std": rand["std"],
-            "protocol": _protocol(params, md, ipc),
+            "protocol": _protocol(params, md, ipc), "env": environment(md.x.device),
             "runs": runs("random real", rand, cfg.random_lr, cfg.epochs, cfg),
             "seconds": sum(rand["seconds"])}
 
@@ -108,7 +94,7 @@ def baseline_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
     """The random real baseline of an IPC -> metrics/baseline/ipc_<ipc>.json (no wall time:
     evaluate@<ipc> depends on the file)."""
     params.distill(ipc)  # a clear error for an IPC that is not configured
-    summary = _random_real(params, model_data(paths, _device(params, group)), ipc, callback,
+    summary = random_real(params, model_data(paths, device_of(params, group)), ipc, callback,
                            group=group)
     if group.is_main:
         write_json(baseline_path(paths, ipc),
@@ -116,7 +102,7 @@ def baseline_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
     return summary
 
 
-def _stored_baseline(params: Params, paths: Paths, md: ModelData, ipc: int) -> dict | None:
+def stored_baseline(params: Params, paths: Paths, md: ModelData, ipc: int) -> dict | None:
     """The baseline file of this IPC when it was computed under the current protocol."""
     try:
         stored = json.loads(baseline_path(paths, ipc).read_text())
@@ -133,7 +119,7 @@ def crossarch_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = q
     architecture of `evaluate.cross_archs` with the IPC's recipe -> metrics/crossarch/ipc_N.json
     (the cross-architecture table of the summary; empty when no other architecture is asked)."""
     cfg = params.evaluation(ipc)
-    md = model_data(paths, _device(params, group)) if cfg.cross_archs else None
+    md = model_data(paths, device_of(params, group)) if cfg.cross_archs else None
     rows, seconds = [], 0.0
     if md is not None:
         tensors, _ = load_distilled(paths.distilled(ipc))
@@ -148,14 +134,15 @@ def crossarch_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = q
             dist = evaluate.evaluate_set(spec, x, labels, lr, cfg.epochs, cfg.models, arch_cfg,
                                          params.augment, md.x_test, md.y_test, cfg.seed, callback,
                                          group=group)
-            rand = _random_real(params, md, ipc, callback, arch, group)
+            rand = random_real(params, md, ipc, callback, arch, group)
             seconds += sum(dist["seconds"]) + rand["seconds"]
             rows.append({"arch": arch, "distilled": dist["mean"], "distilled_std": dist["std"],
                          "random_real": rand["random_real"],
                          "random_real_std": rand["random_real_std"],
                          "runs": runs("distilled", dist, lr, cfg.epochs, arch_cfg) + rand["runs"]})
     # a list, not scalars: `dvc metrics show` keeps one row per IPC from evaluate@<ipc>
-    summary = {"ipc": ipc, "archs": rows}
+    summary = {"ipc": ipc, "archs": rows,
+               **({"env": environment(md.x.device)} if md is not None else {})}
     if group.is_main:
         write_json(paths.crossarch(ipc), summary)
     return {**summary, "seconds": seconds}
@@ -169,7 +156,7 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
     current protocol; otherwise it is trained here (and not written: that is baseline's file).
     """
     cfg = params.evaluation(ipc)  # also a clear error for an IPC that is not configured
-    md = model_data(paths, _device(params, group))
+    md = model_data(paths, device_of(params, group))
     tensors, meta = load_distilled(paths.distilled(ipc))
     check_finite(paths.distilled(ipc), images=tensors["images"], labels=tensors["labels"],
                  lr=tensors["lr"])
@@ -180,19 +167,23 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
                                  tensors["labels"].to(md.x.device), lr, cfg.epochs, cfg.models,
                                  cfg, params.augment, md.x_test, md.y_test, cfg.seed, callback,
                                  group=group)
-    rand = _stored_baseline(params, paths, md, ipc) or _random_real(params, md, ipc, callback,
+    rand = stored_baseline(params, paths, md, ipc) or random_real(params, md, ipc, callback,
                                                                     group=group)
-    full = json.loads(paths.fullset.read_text()) if paths.fullset.is_file() else {}
-    full_acc = full.get("full_dataset")
+    full_acc, full_std = full_dataset(paths)
     # One row per IPC in `dvc metrics show`: the accuracies as scalars, details in "runs".
     # Where lossless stands: the gap to the full set, and the share of the training set used.
     summary = {"ipc": ipc, "distilled": dist["mean"], "distilled_std": dist["std"],
                "random_real": rand["random_real"], "random_real_std": rand["random_real_std"],
-               "full_dataset": full_acc,
+               "full_dataset": full_acc, "full_dataset_std": full_std,
                "gap_to_full": None if full_acc is None else dist["mean"] - full_acc,
                "train_fraction": tensors["images"].shape[0] / md.x.shape[0],
                "matching_loss": meta["summary"]["final_loss"],
-               "runs": runs("distilled", dist, lr, cfg.epochs, cfg) + rand["runs"]}
+               "env": environment(md.x.device),
+               # runs: a list, which `dvc metrics show` leaves out; set_digest says which
+               # version of the set was measured (an export's card checks it)
+               "runs": runs("distilled", dist, lr, cfg.epochs, cfg,
+                            set_digest=set_digest(tensors)) + rand["runs"]}
     if group.is_main:
         write_json(paths.evaluation(ipc), summary)
     return {**summary, "seconds": sum(dist["seconds"]) + rand["seconds"]}
+

@@ -1,64 +1,71 @@
-"""`datm export` and `datm evaluate --from`: a distilled set out to common formats, and an
-exported set (ours or someone's) back through the pipeline's evaluation protocol."""
+"""`datm export` and `datm evaluate --from`: a distilled set out to common formats, and a set
+handed over (a datm export, a DATM / MTT `.pt` set, an image folder) back through the
+pipeline's evaluation protocol."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .. import artifacts, data, evaluate
+from .. import artifacts, data, evaluate, sets
 from ..config import EvalConfig, Params, Paths
+from ..distributed import SINGLE, Group
 from ..events import Callback
-from ..export import ZCA_FILE, ExportError, export, read
+from ..export import LOSSLESS, NOT_MEASURED, ZCA_FILE, ExportError, export
 from ..networks import first_conv_padding
 from ..zca import ZCA
-from .evaluate import check_finite
 from .project import (
+    device_of,
     distilled_ipcs,
     distilled_pixels,
     load_distilled,
     model_data,
     net_spec,
     quiet,
+    set_digest,
 )
 
 
 def export_ipc(params: Params, paths: Paths, ipc: int, fmt: str, out: Path, force: bool = False,
-               git_commit: str = "unknown") -> Path:
+               git_commit: str = "unknown", threads: int | None = None) -> Path:
     """Write distilled IPC `ipc` to `out` with everything needed to train on it elsewhere: the
     ZCA it was whitened with, and a card whose `preprocessing` and `recipe` are the pipeline's
-    evaluation as `params` sets it."""
+    evaluation as `params` sets it, and whose accuracy is of exactly the exported tensors
+    (evaluate@IPC's, when it measured this very set under this recipe and the format is
+    lossless; otherwise "not measured", until `datm evaluate --from` measures it)."""
     if not paths.distilled(ipc).is_file():
         done = ", ".join(map(str, distilled_ipcs(paths))) or "none yet"
         raise ExportError(f"IPC {ipc} was not distilled (distilled IPCs: {done})")
     tensors, meta = load_distilled(paths.distilled(ipc))
-    pixels = distilled_pixels(paths, tensors, meta)
+    pixels = distilled_pixels(paths, tensors, meta, clip=False)
     zca = ZCA.load(paths.zca) if meta.get("zca") else ZCA()
     learned = float(tensors["lr"][0])
-    recipe = _recipe(params, ipc, pixels.shape[1:], len(meta["classes"]), learned)
+    recipe = _recipe(params, ipc, pixels.shape[1:], len(meta["classes"]), learned, threads)
     card = {"dataset": meta.get("dataset") or params.data.name, "ipc": ipc,
             "settings": meta.get("settings"), "spec": meta.get("spec"), "git_commit": git_commit,
             "zca": meta.get("zca"), "mean": meta["mean"], "std": meta["std"],
             "iterations": meta.get("iteration"), "preprocessing": _preprocessing(paths, meta),
-            "recipe": recipe, "accuracy": _accuracy_for_card(paths, ipc, recipe)}
-    return export(pixels, tensors["labels"], learned, meta["classes"], out, fmt, card, force, zca)
+            "recipe": recipe, "set_digest": set_digest(tensors),
+            "accuracy": _accuracy_for_card(paths, ipc, recipe, set_digest(tensors), fmt)}
+    return export(tensors["images"], pixels, tensors["labels"], learned, meta["classes"], out,
+                  fmt, card, force, zca)
 
 
 def _preprocessing(paths: Paths, meta: dict) -> dict:
-    """How the exported [0, 1] pixels become the network's input (data.to_model_space)."""
+    """How an export's pixels become the network's input (data.pixels_to_model_space)."""
     if meta.get("zca"):
         return {"zca": True, "file": ZCA_FILE, "eps": artifacts.read_meta(paths.zca, "zca").get("eps"),
-                "formula": "x_white = ((x.flatten(1) - mean) @ matrix).view_as(x), x in [0, 1]; "
-                           "no per-channel normalization"}
+                "formula": "x_white = ((x.flatten(1) - mean) @ matrix).view_as(x), x pixels on "
+                           "the [0, 1] scale; no per-channel normalization"}
     return {"zca": False, "mean": meta["mean"], "std": meta["std"],
-            "formula": "(x - mean[c]) / std[c] per channel, x in [0, 1]"}
+            "formula": "(x - mean[c]) / std[c] per channel, x pixels on the [0, 1] scale"}
 
 
 def _recipe(params: Params, ipc: int, shape: torch.Size, num_classes: int,
-            learned: float) -> dict:
+            learned: float, threads: int | None = None) -> dict:
     """The evaluation protocol of evaluate@IPC (datm/evaluate.py's train_and_test) as data."""
     cfg, aug = _recipe_of(params, ipc), params.augment
     spec = evaluate.arch_spec(net_spec(params, tuple(shape), num_classes), cfg.arch)
@@ -92,24 +99,44 @@ def _recipe(params: Params, ipc: int, shape: torch.Size, num_classes: int,
         # seeded 2 s + 1 (evaluate.stream_seeds).
         "models": cfg.models, "seed": cfg.seed,
         "model_seeds": [cfg.seed * 1009 + k for k in range(cfg.models)],
+        **({"threads": threads} if threads else {}),
     }
 
 
-def _accuracy_for_card(paths: Paths, ipc: int, recipe: dict) -> dict:
+def _accuracy_for_card(paths: Paths, ipc: int, recipe: dict, digest: str, fmt: str) -> dict:
+    """The card's numbers. `distilled` is of exactly the exported tensors under the card's
+    recipe, or NOT_MEASURED with the reason: evaluate@IPC's number counts only when it
+    measured this very set (its digest) under this recipe and the format keeps it bit for bit."""
     if not paths.evaluation(ipc).is_file():
-        return {}
+        return {"distilled": NOT_MEASURED, "measured": f"evaluate@{ipc} has not run: "
+                f"`datm evaluate --from <this folder> --record` measures this export"}
     ev = json.loads(paths.evaluation(ipc).read_text())
     runs = [r for r in ev["runs"] if r["set"] == "distilled"]
-    fmt = lambda m, s: f"{100 * m:.2f} ± {100 * s:.2f} % ({len(runs)} models)"  # noqa: E731
-    acc = {"distilled": fmt(ev["distilled"], ev["distilled_std"]),
-           "random_real": fmt(ev["random_real"], ev["random_real_std"])}
+    fmt_acc = lambda m, s: f"{100 * m:.2f} ± {100 * s:.2f} % ({len(runs)} models)"  # noqa: E731
+    acc = {"random_real": fmt_acc(ev["random_real"], ev["random_real_std"])}
     if ev.get("full_dataset") is not None:
-        acc["full_dataset"] = f"{100 * ev['full_dataset']:.2f} %"
+        std = ev.get("full_dataset_std")
+        acc["full_dataset"] = f"{100 * ev['full_dataset']:.2f}" + (
+            f" ± {100 * std:.2f} %" if std is not None else " %")
     measured = {k: runs[0].get(k) for k in ("lr", "epochs", "batch", "arch")} if runs else {}
     now = {k: recipe[k] for k in measured}
-    if measured != now:  # params changed since the evaluation: say so rather than mislead
-        acc["note"] = (f"measured with {measured}; params.yaml now gives {now}: run "
-                       f"`datm evaluate --ipc {ipc}` for numbers under this recipe")
+    pipeline = fmt_acc(ev["distilled"], ev["distilled_std"])
+    if not runs or runs[0].get("set_digest") != digest:
+        acc.update(distilled=NOT_MEASURED, note=f"evaluate@{ipc} measured another version of "
+                   f"this IPC's set: run `datm evaluate --ipc {ipc}`, or `datm evaluate --from "
+                   "<this folder> --record`")
+    elif measured != now:  # params changed since the evaluation: say so rather than mislead
+        acc.update(distilled=NOT_MEASURED, note=f"evaluate@{ipc} measured this set with "
+                   f"{measured} ({pipeline}); params.yaml now gives {now}: run `datm evaluate "
+                   f"--ipc {ipc}` for numbers under this recipe")
+    elif fmt in LOSSLESS:
+        acc.update(distilled=pipeline, measured=f"by evaluate@{ipc} on exactly the tensors in "
+                   f"`inputs` (set digest {digest})")
+    else:
+        acc.update(distilled=NOT_MEASURED, lossless_set=pipeline,
+                   measured=f"the PNGs round the set to 8 bits: evaluate@{ipc} measured the "
+                   f"lossless set ({pipeline}), not these files; `datm export` measures them "
+                   "unless --no-measure")
     return acc
 
 
@@ -119,23 +146,79 @@ def _recipe_of(params: Params, ipc: int | None) -> EvalConfig:
     return params.evaluation(ipc) if ipc in params.ipcs else params.evaluate
 
 
-def evaluate_export(params: Params, paths: Paths, folder: Path,
-                    callback: Callback = quiet) -> dict:
-    """Evaluate an exported set (ours or someone's) with the pipeline's protocol."""
-    pixels, logits, lr, card = read(folder)
-    check_finite(folder, images=pixels, labels=logits, lr=torch.tensor(lr))
-    md = model_data(paths, params.torch_device())
-    if list(pixels.shape[1:]) != list(md.x.shape[1:]) or logits.shape[1] != len(md.classes):
-        raise ExportError(f"{folder} holds {list(pixels.shape[1:])} images of "
-                          f"{logits.shape[1]} classes; the pipeline's data is "
-                          f"{list(md.x.shape[1:])} with {len(md.classes)} classes")
-    # Back to model space by the very function that made the pipeline's data.
-    x = data.to_model_space(pixels * 255, md.mean, md.std, md.zca).to(md.x.device)
-    cfg = _recipe_of(params, card.get("ipc"))
-    lr = evaluate.distilled_lr(cfg, lr)
+@dataclass(frozen=True)
+class FromOptions:
+    """How `datm evaluate --from` treats a set: `zca` whitens with the run's transform (True),
+    normalizes per channel (False) or does what the run did (None); `lr` fixes the lr."""
+
+    zca: bool | None = None
+    lr: float | None = None
+
+
+def check_from(paths: Paths, folder: Path) -> None:
+    """Read the set as `evaluate_from` will, against the data's classes and image shape,
+    without the data itself: a set that cannot be evaluated fails here, once, before any
+    process is launched to evaluate it."""
+    meta = artifacts.read_meta(paths.train, data.KIND)
+    shape = tuple(artifacts.load_rows(paths.train, "images", [0], data.KIND).shape[1:])
+    sets.read_set(folder, meta["classes"], shape)
+
+
+def evaluate_from(params: Params, paths: Paths, folder: Path, options: FromOptions = FromOptions(),
+                  callback: Callback = quiet, group: Group = SINGLE) -> dict:
+    """Evaluate a handed-over set with the pipeline's protocol: the recipe of the IPC it has
+    (evaluate.ipc), its learned lr by the pipeline's rule (soft labels) or the random real
+    baseline's lr and seeds (hard labels); the test split through the same transform."""
+    md = model_data(paths, device_of(params, group))
+    handed = sets.read_set(folder, md.classes, tuple(md.x.shape[1:]))
+    card_zca = handed.card.get("zca")
+    if card_zca is not None and bool(card_zca) != md.zca.enabled:
+        raise sets.SetError(f"{folder} was exported from a run with zca.enabled {bool(card_zca)}; "
+                            f"this project's is {md.zca.enabled}")
+    whiten = md.zca.enabled if options.zca is None else options.zca
+    if whiten and not md.zca.enabled:
+        raise sets.SetError("--zca: this run has no whitening (zca.enabled false in params.yaml)")
+    transform = md.zca if whiten else ZCA()
+    x_test = md.x_test
+    if whiten != md.zca.enabled:
+        test = data.Split.load(paths.test)
+        x_test = data.to_model_space(test.images, md.mean, md.std, transform).to(md.x.device)
+    x = handed.inputs if handed.inputs is not None else data.pixels_to_model_space(
+        handed.pixels, md.mean, md.std, transform)
+    ipc = handed.per_class(len(md.classes))
+    cfg = _recipe_of(params, ipc)
+    if options.lr:
+        lr, rule = options.lr, f"--lr {options.lr}"
+    elif handed.soft:
+        if handed.lr is None:
+            raise sets.SetError(f"{folder}: soft labels but no learned lr: pass --lr")
+        lr = evaluate.distilled_lr(cfg, handed.lr)
+        rule = f"evaluate.lr {cfg.lr}" if cfg.lr else \
+            f"learned lr {handed.lr:.6g} x lr_scale {cfg.lr_scale}"
+    else:
+        lr, rule = cfg.random_lr, "evaluate.random_lr (hard labels: the random real baseline's)"
+    # soft labels: evaluate@IPC's seeds; hard labels: the random real baseline's (seed + 1)
+    seed = cfg.seed + (0 if handed.soft else 1)
     spec = evaluate.arch_spec(md.spec(params), cfg.arch)
-    result = evaluate.evaluate_set(spec, x, logits.to(x.device), lr, cfg.epochs, cfg.models, cfg,
-                                   params.augment, md.x_test, md.y_test, cfg.seed, callback)
-    return {"folder": str(folder), "ipc": card.get("ipc"), "models": cfg.models,
-            "epochs": cfg.epochs, "lr": lr, "acc_mean": result["mean"],
-            "acc_std": result["std"], "accs": result["accs"]}
+    recipe = {"kind": handed.kind, "images": int(x.shape[0]), "ipc": ipc,
+              "labels": "soft" if handed.soft else "hard", "lr": lr, "lr_rule": rule,
+              "epochs": cfg.epochs, "batch": cfg.batch, "models": cfg.models, "arch": cfg.arch,
+              "seed": seed, "preprocessing": "network inputs as given" if handed.inputs is not None
+              else ("ZCA whitening of the run" if whiten else "per-channel normalization"),
+              "test_split": "ZCA whitening of the run" if whiten else "per-channel normalization",
+              "recipe_of": f"evaluate.ipc.{ipc}" if ipc in params.ipcs else "evaluate",
+              "notes": handed.notes}
+    callback({"event": "recipe", "recipe": recipe})
+    callback({"event": "set", "name": "handed-over set", "models": cfg.models})
+    result = evaluate.evaluate_set(spec, x.to(md.x.device), handed.targets.to(md.x.device), lr,
+                                   cfg.epochs, cfg.models, cfg, params.augment, x_test,
+                                   md.y_test, seed, callback, group=group)
+    return {"folder": str(folder), "recipe": recipe, "acc_mean": result["mean"],
+            "acc_std": result["std"], "accs": result["accs"],
+            "seconds": sum(result["seconds"])}
+
+
+def describe_result(result: dict) -> str:
+    """"70.64 ± 3.80 % (2 models)", as a card states a number."""
+    return (f"{100 * result['acc_mean']:.2f} ± {100 * result['acc_std']:.2f} % "
+            f"({len(result['accs'])} models)")

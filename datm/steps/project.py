@@ -15,6 +15,7 @@ import torch
 
 from .. import artifacts, data
 from ..config import ConfigError, Params, Paths
+from ..distributed import Group
 from ..networks import NetSpec
 from ..zca import ZCA
 
@@ -31,6 +32,38 @@ def quiet(_: dict) -> None:
 def settled(summary: dict) -> dict:
     """A step's summary without its run-time facts: what may be written into artifacts."""
     return {k: v for k, v in summary.items() if k not in VOLATILE}
+
+
+def full_dataset(paths: Paths) -> tuple[float | None, float | None]:
+    """The full-set reference, (mean, std) of the experts' final test accuracy, from
+    metrics/buffers.json (the buffers stage); Nones before it ran."""
+    try:
+        summary = json.loads((paths.metrics / "buffers.json").read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(summary, dict):
+        return None, None
+    return summary.get("full_dataset"), summary.get("full_dataset_std")
+
+
+def environment(device: torch.device) -> dict:
+    """What computed a result besides its inputs and settings: the torch and torchvision
+    versions, the device kind and, on a CPU, the threads per process (they change the float
+    rounding, which training amplifies). Recorded in metrics, never a host, a path or a time."""
+    from importlib import metadata
+
+    try:
+        vision = metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        vision = None
+    return {"torch": torch.__version__, "torchvision": vision, "device": device.type,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None}
+
+
+def set_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """The identity of a distilled set (its images, labels and lr), 16 hex digits: what an
+    evaluation measured, so that an export can tell whether a number is of its own tensors."""
+    return artifacts.tensor_digest({k: tensors[k] for k in ("images", "labels", "lr")})[:16]
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -80,6 +113,12 @@ def data_identity(paths: Paths) -> str:
     return f"{train[:16]}:{zca[:16]}"
 
 
+def device_of(params: Params, group: Group) -> torch.device:
+    """Where a step computes: its rank's own device on several ranks (its GPU), else the
+    profile's `device`."""
+    return group.device if group.distributed else params.torch_device()
+
+
 def model_data(paths: Paths, device: torch.device) -> ModelData:
     train, test = data.Split.load(paths.train), data.Split.load(paths.test)
     zca = ZCA.load(paths.zca)
@@ -99,8 +138,10 @@ def distilled_ipcs(paths: Paths) -> list[int]:
     return sorted(int(s) for s in found if s.isdigit())
 
 
-def distilled_pixels(paths: Paths, tensors: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
-    """A distilled set's images as pixels in [0, 1] (de-whitened with the pipeline's ZCA, or
-    de-normalized with the mean and std it was distilled with)."""
+def distilled_pixels(paths: Paths, tensors: dict[str, torch.Tensor], meta: dict,
+                     clip: bool = True) -> torch.Tensor:
+    """A distilled set's images as pixels (de-whitened with the pipeline's ZCA, or
+    de-normalized with the mean and std it was distilled with): clipped to [0, 1] for viewing,
+    or, with `clip` False, as they are (an export)."""
     zca = ZCA.load(paths.zca) if meta.get("zca") else ZCA()
-    return data.to_pixels(tensors["images"], meta["mean"], meta["std"], zca)
+    return data.to_pixels(tensors["images"], meta["mean"], meta["std"], zca, clip)

@@ -1,0 +1,50 @@
+"""Stage decompose@<ipc>: where an IPC's gain comes from, its images or its labels.
+
+`python -m stages.decompose --ipc N` trains the distilled images with hard labels and a random
+real subset with the experts' soft labels, beside evaluate@N's and baseline@N's numbers. With
+`launch.decompose` W > 1 the models are dealt out to W processes (the same accuracies as one).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from datm.distributed import SINGLE, Group
+from datm.steps.decompose import decompose_ipc
+from stages import common
+from stages.evaluate import ipc_stage, log_other_ranks
+
+KEYS = ("distilled_soft", "distilled_hard", "random_soft", "random_hard", "images_gain",
+        "labels_gain")
+
+
+def run(ipc: int, params: str = "params.yaml", root: str = ".",
+                  group: Group = SINGLE) -> dict:
+    p, pa = common.load(params), common.paths(root)
+    with ipc_stage("decompose", p, root, ipc, group, f"images vs labels ipc {ipc}",
+                    "") as (tracker, events):
+        summary = decompose_ipc(p, pa, ipc, events, group=group)
+        log_other_ranks(tracker, events, summary["runs"], group)
+        tracker.metrics({k: summary[k] for k in KEYS}, 0)
+        tracker.pipeline_metrics({f"decompose.ipc{ipc}.{k}": summary[k] for k in KEYS})
+    pct = lambda key: f"{100 * summary[key]:.2f}"  # noqa: E731
+    common.console.print(
+        f"[green]decompose ipc {ipc}:[/] distilled images {pct('distilled_soft')} with their "
+        f"labels, {pct('distilled_hard')} with hard labels; random real {pct('random_soft')} "
+        f"with the experts' soft labels, {pct('random_hard')} with hard labels (images gain "
+        f"{100 * summary['images_gain']:+.2f}, labels gain {100 * summary['labels_gain']:+.2f})")
+    return summary
+
+
+def start(ipc: int, params: str = "params.yaml", root: str = ".") -> int:
+    """The stage as `launch.decompose` (or DATM_RANKS) processes, at most one per model; its
+    exit code."""
+    return common.start("decompose", "stages.decompose",
+                        ["--ipc", str(ipc), "--params", params, "--root", root],
+                        lambda group: run(ipc, params, root, group), params,
+                        most=lambda p: p.evaluation(ipc).models)
+
+
+if __name__ == "__main__":
+    args = common.parse(__doc__, lambda a: a.add_argument("--ipc", type=int, required=True))
+    sys.exit(start(args.ipc, args.params, args.root))

@@ -24,6 +24,7 @@ Layout 1 (earlier exports: pixels clipped to [0, 1], no `inputs`) is still read.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -307,6 +308,7 @@ def read(folder: str | Path) -> HandedSet:
     logits = t["label_logits"].float()
     class_ids = t["class_ids"].long() if "class_ids" in t else logits.argmax(1)
     inputs = t["inputs"].float() if "inputs" in t else None
+    _check_against_card(folder, card, t["images"], inputs, logits, class_ids, t["lr"])
     if inputs is not None:
         note = f"datm export ({fmt}): `inputs`, exactly the network inputs datm measured"
     elif fmt == "png" and layout >= 2:
@@ -317,6 +319,41 @@ def read(folder: str | Path) -> HandedSet:
     return HandedSet("datm export", logits, class_ids, inputs=inputs,
                      pixels=t["images"].float(), lr=float(t["lr"].reshape(-1)[0]), card=card,
                      notes=[note])
+
+
+def _check_against_card(folder: Path, card: dict, images: torch.Tensor,
+                        inputs: torch.Tensor | None, logits: torch.Tensor,
+                        class_ids: torch.Tensor, lr: torch.Tensor) -> None:
+    """The tensors are the set the card describes: a file swapped or edited after the export
+    would otherwise be measured under the card's name (and its recorded number)."""
+    n, classes = images.shape[0], card.get("classes")
+    problems = [
+        (card.get("num_images") not in (None, n),
+         f"{n} images, the card says {card.get('num_images')}"),
+        (card.get("shape") not in (None, list(images.shape[1:])),
+         f"images of shape {list(images.shape[1:])}, the card says {card.get('shape')}"),
+        (logits.dim() != 2 or logits.shape[0] != n,
+         f"label_logits of shape {list(logits.shape)} for {n} images"),
+        (isinstance(classes, list) and logits.dim() == 2 and len(classes) != logits.shape[1],
+         f"labels over {logits.shape[-1]} classes, the card names {len(classes or [])}"),
+        (class_ids.numel() != n or bool(((class_ids < 0) | (class_ids >= logits.shape[-1])).any()),
+         "class_ids outside the classes"),
+        (inputs is not None and inputs.shape != images.shape,
+         f"inputs of shape {list(inputs.shape) if inputs is not None else []} beside images "
+         f"{list(images.shape)}"),
+        (lr.numel() != 1, "an lr that is not one number"),
+        (lr.numel() == 1 and isinstance(card.get("lr"), (int, float))
+         and not math.isclose(float(lr.reshape(-1)[0]), card["lr"], rel_tol=1e-6),
+         f"lr {float(lr.reshape(-1)[0]) if lr.numel() == 1 else lr.tolist()}, the card says "
+         f"{card.get('lr')}"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise ExportError(f"{folder} does not match its {CARD}: {what}")
+    named = (("images", images), ("inputs", inputs), ("label_logits", logits), ("lr", lr))
+    for name, tensor in named:
+        if tensor is not None and not bool(torch.isfinite(tensor.float()).all()):
+            raise ExportError(f"{folder}: its {name} hold NaN or infinite values")
 
 
 def _read_tensors(folder: Path, fmt: str, layout: int) -> dict[str, torch.Tensor]:

@@ -32,9 +32,55 @@ def _tie_to_parent(variable: str, signum: int) -> None:
         os._exit(128 + signum)
 
 
+def _tie_to_dvc() -> None:
+    """End this stage process (SIGTERM, which ends its launch and ranks in turn) when the
+    `dvc repro` that started it ends: DVC has no way to take its stage with it after a kill -9,
+    and a stage that goes on writes the outputs of a run that failed.
+
+    DVC runs `$SHELL -c CMD`; bash and dash exec a lone command, so DVC is the parent. Where a
+    shell stays in between, a watcher thread ends the stage once that shell is reparented.
+    """
+    if "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/comm") as f:
+            name = f.read().strip()
+    except OSError:
+        return
+    if name not in {"sh", "bash", "dash", "zsh", "fish", "ksh"}:
+        os.environ[STARTER_ENV] = str(parent)
+        _tie_to_parent(STARTER_ENV, signal.SIGTERM)
+        return
+    grandparent = _parent_of(parent)
+
+    def watch() -> None:
+        import time
+
+        while _parent_of(parent) == grandparent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    import threading
+
+    threading.Thread(target=watch, name="datm-dvc-watch", daemon=True).start()
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of `pid`, None once it is gone (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 # `python -m stages.<name>` imports this package while sys.argv[0] is still "-m": the start of
 # a stage process (DVC's, the launch, or a rank), before its imports (seconds of torch).
 if sys.argv[:1] == ["-m"]:
+    # A stage process DVC started (not a launch or a rank: they name their starter)
+    if STARTER_ENV not in os.environ and LAUNCHER_ENV not in os.environ:
+        _tie_to_dvc()
     # The launch on its starter's death: SIGTERM, which torchrun hands to the ranks (before
     # torchrun runs, its default action ends the launch, which has no ranks yet). A rank on
     # the launch's death: SIGKILL, which nothing can catch or delay; its outputs are written

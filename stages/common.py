@@ -17,6 +17,7 @@ failed rank's exit code (a user error 2, Ctrl-C 130) instead of torchrun's repor
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -113,9 +114,7 @@ def dvc_tracked_warning(root: str | Path, stage: str) -> str | None:
     """A warning after running `stage` by hand when it changed outputs DVC tracks: they now
     differ from what dvc.lock records, `dvc status` reports the stage changed, and `dvc
     checkout` refuses to replace them without --force. None when DVC does not track them or
-    they are what dvc.lock records (a file's md5; a folder counts as changed)."""
-    import hashlib
-
+    they are what dvc.lock records (a file's md5; a folder's files against DVC's record)."""
     import yaml
 
     root = Path(root)
@@ -129,13 +128,10 @@ def dvc_tracked_warning(root: str | Path, stage: str) -> str | None:
         path = root / str(out.get("path", "")) if isinstance(out, dict) else None
         if path is None or not path.exists():
             continue
-        if path.is_file():
-            digest = hashlib.md5()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            if out.get("md5") == digest.hexdigest():
-                continue
+        if path.is_file() and out.get("md5") == _md5(path):
+            continue
+        if path.is_dir() and _same_folder(root, path, str(out.get("md5", ""))):
+            continue
         changed.append(str(out["path"]))
     if not changed:
         return None
@@ -144,6 +140,34 @@ def dvc_tracked_warning(root: str | Path, stage: str) -> str | None:
             f"`dvc commit {stage}` records this version (or let `dvc repro` run the stage); "
             "until then `dvc status` reports it changed and `dvc checkout` refuses to "
             "overwrite it without --force")
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_folder(root: Path, folder: Path, dir_md5: str) -> bool:
+    """Whether `folder` holds exactly the files of DVC's record `dir_md5` ("<md5>.dir"): the
+    record's file list lies in DVC's cache (.dvc/cache/files/md5/ab/cdef....dir); without it
+    nothing can be compared, and the folder counts as unchanged (no warning we cannot back)."""
+    if not dir_md5.endswith(".dir"):
+        return False
+    record = root / ".dvc" / "cache" / "files" / "md5" / dir_md5[:2] / dir_md5[2:]
+    try:
+        entries = json.loads(record.read_text())
+        want = {str(e["relpath"]): str(e["md5"]) for e in entries}
+    except (OSError, ValueError, TypeError, KeyError):
+        return True
+    have = sorted(p for p in folder.rglob("*") if p.is_file())
+    if sorted(p.relative_to(folder).as_posix() for p in have) != sorted(want):
+        return False
+    return all(want[p.relative_to(folder).as_posix()] == _md5(p) for p in have)
 
 
 def guarded(fn: Callable[[], object], announce: bool = True) -> int:

@@ -10,6 +10,7 @@ dealt out to W processes (model k on process k % W; the same accuracies as one).
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,12 +35,17 @@ def progress_events(tracker: Tracker, bar, task, prefix: str):
         elif e["event"] == "model":
             state["model"] = e["model"] % e["models"]
             trained.add(state["set"])
-            key = state["set"].replace(" ", "_")
-            tracker.metrics({f"{key}.acc": e["acc"]}, e["model"])
+            tracker.metrics({f"{metric_key(state['set'])}.acc": e["acc"]}, e["model"])
             bar.console.print(f"{state['set']} model {e['model']}/{e['models']}: "
                               f"test acc {e['acc']:.4f}")
     on_event.trained = trained  # type: ignore[attr-defined]
     return on_event
+
+
+def metric_key(set_name: str) -> str:
+    """A set's name as an MLflow metric name, which allows no commas ("distilled images, hard
+    labels" -> "distilled_images_hard_labels")."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", set_name).strip("_")
 
 
 def log_other_ranks(tracker: Tracker, on_event, runs: list[dict], group: Group,
@@ -51,7 +57,7 @@ def log_other_ranks(tracker: Tracker, on_event, runs: list[dict], group: Group,
     for row in runs:
         name = f"{row['set']} on {row['arch']}" if per_arch else row["set"]
         if row["model"] % group.world and name in on_event.trained:
-            tracker.metrics({f"{name.replace(' ', '_')}.acc": row["acc"]}, row["model"] + 1)
+            tracker.metrics({f"{metric_key(name)}.acc": row["acc"]}, row["model"] + 1)
 
 
 @contextmanager

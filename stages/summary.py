@@ -8,7 +8,7 @@ from pathlib import Path
 
 from datm import artifacts
 from datm.config import Params, Paths
-from datm.steps.project import distilled_pixels, load_distilled
+from datm.steps.project import check_finite, distilled_pixels, load_distilled
 from datm.tracking import git_commit
 from datm.visual import GRID_PER_CLASS, class_grid, save_png
 from stages import common
@@ -53,6 +53,8 @@ def _grids(p: Params, pa: Paths) -> list[Path]:
     out, losses = [], []
     for ipc in p.ipcs:
         tensors, meta = load_distilled(pa.distilled(ipc))
+        check_finite(pa.distilled(ipc), images=tensors["images"], labels=tensors["labels"],
+                     lr=tensors["lr"])  # never a picture of a diverged set in the report
         pixels = distilled_pixels(pa, tensors, meta)
         out.append(save_png(class_grid(pixels, len(meta["classes"])),
                             pa.reports / f"grid_ipc_{ipc}.png"))

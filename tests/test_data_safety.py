@@ -505,6 +505,20 @@ def test_a_checkpoint_made_by_other_code_is_not_resumed(tmp_path, monkeypatch):
     assert pipeline.distill(params, paths, 1)["resumed_at"] == 0
 
 
+def test_a_checkpoint_made_on_other_experts_of_the_same_settings_is_not_resumed(tmp_path):
+    """Experts retrained on the same settings by another torch or thread count differ; their
+    curves are part of a checkpoint's identity."""
+    paths = helpers.tiny_project(tmp_path, tiny_raw())
+    params = Params.from_dict(tiny_raw())
+    pipeline.distill(params, paths, 1)
+    assert pipeline.distill(params, paths, 1)["resumed_at"] == 3
+    first = sorted(paths.buffers.glob("*.safetensors"))[0]
+    tensors, meta = artifacts.load(first, "expert")
+    meta["test_acc"] = [a + 0.01 for a in meta["test_acc"]]
+    artifacts.save(first, tensors, "expert", meta)
+    assert pipeline.distill(params, paths, 1)["resumed_at"] == 0
+
+
 def test_a_random_real_baseline_never_comes_out_smaller_than_asked():
     from datm.evaluate import random_subset
 

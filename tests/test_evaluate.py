@@ -425,6 +425,26 @@ def test_an_export_of_a_set_with_nan_is_refused(far_out, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("edit, says", [
+    (lambda t: t.update(inputs=t["inputs"][1:], images=t["images"][1:],
+                        label_logits=t["label_logits"][1:], class_ids=t["class_ids"][1:]),
+     "images, the card says"),
+    (lambda t: t.update(lr=t["lr"] * 2), "lr"),
+    (lambda t: t.update(label_logits=t["label_logits"][:, :-1]), "classes"),
+    (lambda t: t["inputs"].view(-1).__setitem__(0, float("inf")), "NaN or infinite"),
+])
+def test_an_export_whose_tensors_are_not_its_cards_is_refused(far_out, tmp_path, edit, says):
+    """A file edited or swapped after the export is not measured under the card's name."""
+    root, paths, params = far_out
+    folder = pipeline.export_ipc(params, paths, 2, "safetensors", tmp_path / "x")
+    tensors, meta = artifacts.load(folder / "images.safetensors", "export")
+    edit(tensors)
+    artifacts.save(folder / "images.safetensors", tensors, "export", meta)
+    with pytest.raises(export.ExportError, match="does not match|NaN or infinite") as err:
+        export.read(folder)
+    assert says in str(err.value)
+
+
 def test_evaluate_ipc_records_each_models_lr_and_recipe(tmp_path):
     raw = round_trip_params()
     raw["evaluate"].update({"epochs": 2, "lr_scale": 3.0, "random_lr": 0.02, "batch": 5})

@@ -264,6 +264,33 @@ def test_warning_for_a_by_hand_change_of_a_dvc_tracked_output(tmp_path):
     assert "dvc commit distill@1" in message and "dvc repro" in message
 
 
+def test_a_folder_output_warns_only_when_its_files_changed(tmp_path):
+    """buffers' output is a folder: dvc.lock holds a `.dir` md5 whose file list DVC keeps in its
+    cache. A by-hand `datm buffers` that left the experts as they were must not warn (before,
+    a folder always counted as changed)."""
+    from stages.common import dvc_tracked_warning
+
+    root = tmp_path
+    env = helpers.base_env()
+    assert helpers.run(["git", "init", "-q"], cwd=root, env=env).returncode == 0
+    assert helpers.run([DVC, "init", "-q"], cwd=root, env=env).returncode == 0
+    experts = root / "artifacts" / "buffers"
+    experts.mkdir(parents=True)
+    for k in range(2):
+        (experts / f"expert_00{k}.safetensors").write_bytes(bytes([k]) * 100)
+    (root / "dvc.yaml").write_text("stages:\n  buffers:\n    cmd: \"true\"\n"
+                                   "    outs: [artifacts/buffers]\n")
+    result = helpers.run([DVC, "commit", "-f", "buffers"], cwd=root, env=env)
+    assert result.returncode == 0, helpers.describe(result)
+    assert dvc_tracked_warning(root, "buffers") is None
+    (experts / "expert_001.safetensors").write_bytes(b"retrained")
+    assert "artifacts/buffers" in dvc_tracked_warning(root, "buffers")
+    (experts / "expert_001.safetensors").write_bytes(bytes([1]) * 100)
+    assert dvc_tracked_warning(root, "buffers") is None
+    (experts / "expert_002.safetensors").write_bytes(b"one more")
+    assert "artifacts/buffers" in dvc_tracked_warning(root, "buffers")
+
+
 @pytest.mark.slow
 def test_status_prints_its_table_to_stdout(tmp_path):
     helpers.write_params(tmp_path, helpers.tiny_params())

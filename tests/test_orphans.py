@@ -157,3 +157,19 @@ def test_kill_9_of_the_stage_process_dvc_started_leaves_no_process(tmp_path):
     assert not left, (left, log)
     assert code != 0 and "failed to reproduce 'distill@2'" in log, (code, log)
     assert not paths.distilled(2).exists(), log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch, phase, delay", [(2, "launch", 0.3), (2, "distilling", 0.2),
+                                                  (1, "distilling", 0.2)])
+def test_kill_9_of_dvc_repro_ends_its_stage_and_ranks(tmp_path, launch, phase, delay):
+    """kill -9 of `dvc repro` itself: DVC cannot take its stage with it, so the stage process
+    watches DVC (stages/__init__.py) and ends, with its launch and ranks; before, they ran on and
+    wrote the output of a run that had failed."""
+    root = helpers.copy_project(tmp_path / "project")
+    paths = distill_project(root, launch=launch)
+    cmd = [helpers.DVC, "repro", "--single-item", "distill@2"]
+    code, log, left = kill_at(cmd, root, phase, delay, "started", paths.checkpoint(2))
+    assert code == -signal.SIGKILL, (code, log)
+    assert not left, (left, log)
+    assert not paths.distilled(2).exists(), log

@@ -20,10 +20,10 @@ import torch
 import yaml
 from helpers import DVC, REPO, datm, describe, ran_stages
 
-ALL_STAGES = {"download", "zca", "buffers", "baseline@1", "baseline@2", "distill@1",
-              "distill@2", "evaluate@1", "evaluate@2", "crossarch@1", "crossarch@2", "summary"}
 CROSSARCH = {"crossarch@2"}  # tiny_params' evaluate.cross_ipcs: the recipe of IPC 2, cross_archs
 DECOMPOSE = {"decompose@1"}  # tiny_params' evaluate.decompose_ipcs
+ALL_STAGES = {"download", "zca", "buffers", "baseline@1", "baseline@2", "distill@1",
+              "distill@2", "evaluate@1", "evaluate@2", "summary"} | CROSSARCH | DECOMPOSE
 
 
 # --- static checks (fast) ------------------------------------------------------------------------
@@ -251,8 +251,10 @@ def test_dvc_metrics_show_one_narrow_row_per_ipc(e2e):
     # gap to the full set and the share of the training set); per-model details stay in lists
     columns = {k for row in rows.values() for k, v in row.items() if not isinstance(v, list)}
     assert columns == {"ipc", "distilled", "distilled_std", "random_real", "random_real_std",
-                       "full_dataset", "gap_to_full", "train_fraction", "matching_loss",
-                       "expert_acc"}, sorted(columns)
+                       "full_dataset", "full_dataset_std", "gap_to_full", "train_fraction",
+                       "matching_loss", "experts", "epochs", "env"}, sorted(columns)
+    # the versions that computed the numbers: DVC shows them as env.torch, env.torchvision ...
+    assert {"torch", "torchvision", "device", "threads"} == set(rows["metrics/buffers.json"]["env"])
     for row in per_ipc.values():
         assert row["gap_to_full"] == pytest.approx(row["distilled"] - row["full_dataset"])
         assert row["train_fraction"] == pytest.approx(10 * row["ipc"] / e2e.n_train)
@@ -271,7 +273,8 @@ def test_dvc_status_sees_exactly_the_changed_stage(e2e):
     assert _status(e2e) == {}
     try:
         for change, stage in ((("distill", "ipc", 2, "lr_img"), "distill@2"),
-                              (("distill", "ipc", 1, "syn_steps"), "distill@1"),
+                              # decompose@1 labels random real images the way distill@1 does
+                              (("distill", "ipc", 1, "syn_steps"), {"distill@1", *DECOMPOSE}),
                               (("buffers", "lr"), "buffers"),
                               (("zca", "eps"), "zca"),
                               # summary's report states the evaluation epochs; the random real

@@ -34,7 +34,11 @@ def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
         raise DistillError("experts and dataset disagree on the number of classes: rerun buffers")
     if cfg.window == "auto":
         cfg = auto_window(cfg, mean_curve(buffer.metas), len(md.classes), md.x.shape[0])
-    inputs = [md.identity, buffer.metas[0]["hash"], len(buffer), asdict(params.augment),
+    # The experts' own curves stand for their contents: experts retrained on the same settings
+    # by another torch or thread count differ, and a checkpoint made on the old ones must not
+    # resume on the new.
+    curves = [(m.get("train_acc"), m.get("test_acc")) for m in buffer.metas]
+    inputs = [md.identity, buffer.metas[0]["hash"], len(buffer), curves, asdict(params.augment),
               code_digest(*DISTILL_CODE)]
     selection = None
     if cfg.select_every:

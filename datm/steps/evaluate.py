@@ -13,15 +13,13 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
 from .. import augment, evaluate, networks, provenance
 from ..config import EvalConfig, Params, Paths
 from ..distributed import SINGLE, Group
-from ..errors import UserError
 from ..events import Callback
 from .project import (
     ModelData,
+    check_finite,
     device_of,
     environment,
     full_dataset,
@@ -31,15 +29,6 @@ from .project import (
     set_digest,
     write_json,
 )
-
-
-def check_finite(where: str | Path, **tensors: torch.Tensor) -> None:
-    """A set with NaN/inf would train to chance (10 %) and be reported as a number: refuse."""
-    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
-    if bad:
-        raise UserError(f"{where}: {' and '.join(bad)} hold NaN or inf values (a diverged "
-                        "distillation?): refusing to evaluate it; distill again with a lower "
-                        "lr_img / lr_lr")
 
 
 def runs(name: str, result: dict, lr: float, epochs: int, cfg: EvalConfig,

@@ -16,6 +16,7 @@ import torch
 from .. import artifacts, data
 from ..config import ConfigError, Params, Paths
 from ..distributed import Group
+from ..errors import UserError
 from ..networks import NetSpec
 from ..zca import ZCA
 
@@ -58,6 +59,15 @@ def environment(device: torch.device) -> dict:
         vision = None
     return {"torch": torch.__version__, "torchvision": vision, "device": device.type,
             "threads": torch.get_num_threads() if device.type == "cpu" else None}
+
+
+def check_finite(where: str | Path, **tensors: torch.Tensor) -> None:
+    """A set with NaN/inf would train to chance (10 %) and be reported as a number: refuse."""
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(f"{where}: {' and '.join(bad)} hold NaN or inf values (a diverged "
+                        "distillation?): refusing it; distill again with a lower "
+                        "lr_img / lr_lr")
 
 
 def set_digest(tensors: dict[str, torch.Tensor]) -> str:

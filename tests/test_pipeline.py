@@ -394,34 +394,39 @@ def exports(e2e) -> dict[str, Path]:
     return out
 
 
-def _expected_pixels(root: Path) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The distilled set de-whitened and de-normalized, computed here from the artifacts the
-    exports were made from."""
+def _expected_pixels(root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The distilled set as network inputs and as pixels de-whitened and de-normalized (not
+    clipped), computed here from the artifacts the exports were made from."""
     from datm import artifacts, data
     from datm.zca import ZCA
 
     tensors, meta = artifacts.load(root / "exports/source/ipc_2.safetensors", "distilled")
     zca = ZCA.load(root / "exports/source/zca.safetensors")
-    pixels = data.to_pixels(tensors["images"], meta["mean"], meta["std"], zca)
-    return pixels, tensors["labels"], float(tensors["lr"][0])
+    pixels = data.to_pixels(tensors["images"], meta["mean"], meta["std"], zca, clip=False)
+    return tensors["images"], pixels, tensors["labels"], float(tensors["lr"][0])
 
 
 @pytest.mark.slow
 def test_export_every_format(e2e, exports):
     from datm.export import read
 
-    pixels, logits, lr = _expected_pixels(e2e.root)
+    inputs, pixels, logits, lr = _expected_pixels(e2e.root)
     class_ids = torch.arange(10).repeat_interleave(2)
     for fmt, folder in exports.items():
-        images, labels, got_lr, card = read(folder)
+        got = read(folder)
+        card = got.card
         assert card["format"] == fmt and card["ipc"] == 2 and card["num_images"] == 20
         assert len(card["classes"]) == 10 and card["shape"] == list(e2e.shape)
-        assert images.shape == (20, *e2e.shape)
-        assert images.min() >= 0 and images.max() <= 1
-        assert torch.equal(labels, logits)
-        assert got_lr == pytest.approx(lr)
-        tolerance = 0.5 / 255 + 1e-6 if fmt == "png" else 0
-        assert (images - pixels).abs().max() <= tolerance, fmt
+        assert got.pixels.shape == (20, *e2e.shape)
+        assert torch.equal(got.targets, logits) and torch.equal(got.class_ids, class_ids)
+        assert got.lr == pytest.approx(lr)
+        if fmt == "png":  # 8 bits over each image's own range
+            span = (pixels.amax((1, 2, 3)) - pixels.amin((1, 2, 3))).view(-1, 1, 1, 1)
+            assert bool(((got.pixels - pixels).abs() <= 0.5 * span / 255 + 1e-5).all())
+            assert got.inputs is None
+        else:  # lossless: the network inputs bit for bit, the pixels unclipped
+            assert torch.equal(got.inputs, inputs), fmt
+            assert torch.allclose(got.pixels, pixels, atol=1e-5), fmt  # threads: rounding
         assert (folder / "README.md").is_file()
         if fmt != "png":
             payload = _payload(folder, fmt)
@@ -490,9 +495,9 @@ def test_evaluate_from_an_export(e2e, exports):
     result = datm("evaluate", "--from", str(exports["png"]), cwd=e2e.root, env=e2e.env)
     assert result.returncode == 0, describe(result)
     text = " ".join((result.stdout + result.stderr).split())
-    found = re.search(r"evaluate \S+: (\d\.\d+) ± (\d\.\d+)", text)
+    found = re.search(r"evaluate \S+: (\d+\.\d+) ± (\d+\.\d+) %", text)
     assert found, text
-    assert 0 <= float(found.group(1)) <= 1
+    assert 0 <= float(found.group(1)) <= 100
 
 
 @pytest.mark.slow

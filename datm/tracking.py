@@ -199,7 +199,7 @@ class Tracker:
                 "git_dirty": str(git_dirty(self.root)).lower(),
                 "dvc_exp": self.exp_name or "workspace",
                 "mlflow.runName": self.run_name, "mlflow.source.name": "datm",
-                "pid": str(os.getpid()), "host": socket.gethostname()}
+                "pid": str(os.getpid()), "host": socket.gethostname(), **_versions()}
         if self.parent_id:
             tags["mlflow.parentRunId"] = self.parent_id
         info = self.client.create_run(exp_id, tags=tags).info
@@ -331,4 +331,18 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(value, f"{name}."))
         else:
             out[name] = value
+    return out
+
+
+def _versions() -> dict[str, str]:
+    """What computed the run besides its settings (torch's rounding differs between versions):
+    the torch and torchvision versions, as tags."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("torch", "torchvision"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
     return out

@@ -217,10 +217,32 @@ def _rank_all(group: Group, out: Path, buffer_dir: Path) -> dict:
                   callback=on_event, group=group)
     train_experts(out / "batched", TINY_SPEC, x, y, xt, yt, BATCHED, TINY_AUG, data_id="tiny",
                   group=group)
-    with float64():
+    with float64(), counting_parts() as share:
         distilled = distill_run(buffer_dir, group, out / f"checkpoint_{group.rank}.st")
     return {"trained": trained, "match": match_results(group), "distill": distilled,
-            "evaluate": evaluation(group), "threads": torch.get_num_threads()}
+            "distill_share": share, "evaluate": evaluation(group),
+            "threads": torch.get_num_threads()}
+
+
+@contextmanager
+def counting_parts():
+    """The batch images this process's matching computed ([count], filled on exit): every
+    step's part of the batch (datm.matching._part), in the forward and the backward sweep."""
+    from datm import matching
+
+    real, seen, share = matching._part, [], []
+
+    def counted(idx, draw, group):
+        part = real(idx, draw, group)
+        seen.append(len(part[0]))
+        return part
+
+    matching._part = counted
+    try:
+        yield share
+    finally:
+        matching._part = real
+        share.append(sum(seen))
 
 
 def _rank_fail(group: Group, how: str, buffer_dir: Path) -> None:
@@ -464,6 +486,18 @@ def test_two_ranks_give_the_one_process_matching_gradient(two_ranks):
     """float64, DSA on, batches of 3 (2 + 1 per rank), 1 (1 + 0), 6 and 5: to 1e-10."""
     _, ranks = two_ranks
     assert_same_gradients([rank["match"] for rank in ranks], match_results(SINGLE))
+
+
+@pytest.mark.slow
+def test_each_of_two_ranks_computes_its_share_of_every_batch(two_ranks, buffer64):
+    """Equal results alone would not tell two ranks from one rank doing all the work: each
+    rank's matching handled part of the batches, and the parts add up to the one process's."""
+    _, ranks = two_ranks
+    with float64(), counting_parts() as one:
+        distill_run(buffer64, SINGLE)
+    shares = [rank["distill_share"][0] for rank in ranks]
+    assert all(s > 0 for s in shares) and sum(shares) == one[0], (shares, one)
+    assert abs(shares[0] - shares[1]) <= shares[0] // 2  # about half each
 
 
 @pytest.mark.slow

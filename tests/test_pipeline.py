@@ -226,6 +226,8 @@ def test_mlflow_runs_carry_stage_and_commit(e2e):
     first = distill_runs[0]
     assert len(client.get_metric_history(first.info.run_id, "loss")) >= 3
     assert first.data.params.get("distill.syn_steps") == "2"
+    from importlib import metadata
+    assert first.data.tags.get("torch") == metadata.version("torch")  # what computed it
 
 
 @pytest.mark.slow

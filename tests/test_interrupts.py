@@ -193,7 +193,7 @@ def test_a_ctrl_c_at_any_moment_of_a_two_process_distill_is_130_and_one_line(tmp
     raw = helpers.tiny_params()
     raw["buffers"].update({"num_experts": 2, "epochs": 40, "batch": 16})  # longer loads
     raw["distill"]["defaults"].update({"iterations": 100_000, "checkpoint_every": 1})
-    raw["launch"] = {"distill": 2}
+    raw["launch"]["distill"] = 2
     paths = helpers.tiny_project(tmp_path / "project", raw)
     for delay in (0.3, 1.5, 2.5, 3.5, 4.5, 6.0):
         shutil.rmtree(paths.checkpoint(2).parent, ignore_errors=True)

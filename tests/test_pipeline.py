@@ -479,7 +479,7 @@ def test_export_refuses_to_overwrite_without_force(e2e, exports):
     assert result.returncode == 0, describe(result)
     from datm.export import read
 
-    assert read(folder)[3]["ipc"] == 1
+    assert read(folder).card["ipc"] == 1
 
 
 @pytest.mark.slow

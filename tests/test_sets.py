@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_evaluate import EvalSpy as Spy  # the one spy on evaluate_set
 
 from datm import evaluate, pipeline, sets
 from datm.config import Params
@@ -35,22 +36,6 @@ def project(tmp_path_factory):
     raw = raw_params()
     paths = helpers.tiny_project(root / "project", raw)
     return root, paths, Params.from_dict(raw)
-
-
-class Spy:
-    def __init__(self, monkeypatch) -> None:
-        self.calls: list[dict] = []
-        real = evaluate.evaluate_set
-        names = ("spec", "x", "targets", "lr", "epochs", "models", "cfg", "aug", "x_test",
-                 "y_test", "seed")
-
-        def spy(*args, **kwargs):
-            call = {**dict(zip(names, args)), **kwargs}
-            call["result"] = real(*args, **kwargs)
-            self.calls.append(call)
-            return call["result"]
-
-        monkeypatch.setattr(evaluate, "evaluate_set", spy)
 
 
 def write_folder(folder: Path, images: torch.Tensor, labels: torch.Tensor, names: list[str]) -> Path:

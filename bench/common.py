@@ -67,6 +67,22 @@ def best_seconds(run: Callable[[object], object], prepare: Callable[[], object],
     return min(times)
 
 
+def step_timing(step: Callable[[], object], steps: int, warm: int = 2) -> tuple[float, float, object]:
+    """(seconds of the first call, mean ms per step over `steps` timed calls, the last call's
+    result). The first call is eager's warm-up or torch.compile's compilation; `warm` untimed
+    calls follow it so that allocator and caches are settled."""
+    tic = time.perf_counter()
+    step()
+    first = time.perf_counter() - tic
+    for _ in range(warm):
+        step()
+    out = None
+    tic = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    return first, (time.perf_counter() - tic) / steps * 1e3, out
+
+
 def expert_seconds(fm: FlatModel, groups: list[list[int]], x: torch.Tensor, y: torch.Tensor,
                    cfg: ExpertConfig, aug: AugConfig) -> float:
     """Wall seconds to train each seed group (one train_group call per group) on (x, y).

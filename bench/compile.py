@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
-from bench.common import in_child, peak_mib, table
+from bench.common import in_child, peak_mib, step_timing, table
 from datm.augment import AugConfig, augment
 from datm.networks import NetSpec, build, soft_cross_entropy
 
@@ -44,16 +43,8 @@ def _child(cfg: dict) -> dict:
         opt.step()
         return float(loss)
 
-    tic = time.perf_counter()
-    step()  # eager: a warm-up; compiled: the compilation
-    first = time.perf_counter() - tic
-    for _ in range(2):
-        step()
-    tic = time.perf_counter()
-    for _ in range(cfg["steps"]):
-        loss = step()
-    per_step = (time.perf_counter() - tic) / cfg["steps"]
-    return {"first": first, "ms": per_step * 1e3, "loss": loss, "peak": peak_mib(torch.device("cpu"))}
+    first, ms, loss = step_timing(step, cfg["steps"])
+    return {"first": first, "ms": ms, "loss": loss, "peak": peak_mib(torch.device("cpu"))}
 
 
 def main() -> None:

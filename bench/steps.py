@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import in_child, table
+from bench.common import in_child, step_timing, table
 from datm.augment import AugConfig, augment
 from datm.networks import FlatModel, NetSpec, build
 
@@ -51,15 +50,8 @@ def _child(cfg: dict) -> dict:
             loss.backward()
             opt.step()
 
-    tic = time.perf_counter()
-    step()  # eager: a warm-up; compiled: the compilation
-    first = time.perf_counter() - tic
-    for _ in range(3):
-        step()
-    tic = time.perf_counter()
-    for _ in range(cfg["steps"]):
-        step()
-    return {"ms": (time.perf_counter() - tic) / cfg["steps"] * 1e3, "first": first}
+    first, ms, _ = step_timing(step, cfg["steps"], warm=3)
+    return {"ms": ms, "first": first}
 
 
 def main() -> None:

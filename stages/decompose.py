@@ -12,21 +12,17 @@ import sys
 from datm.distributed import SINGLE, Group
 from datm.steps.decompose import decompose_ipc
 from stages import common
-from stages.evaluate import ipc_stage, log_other_ranks
+from stages.evaluate import measure
 
 KEYS = ("distilled_soft", "distilled_hard", "random_soft", "random_hard", "images_gain",
         "labels_gain")
 
 
-def run(ipc: int, params: str = "params.yaml", root: str = ".",
-                  group: Group = SINGLE) -> dict:
-    p, pa = common.load(params), common.paths(root)
-    with ipc_stage("decompose", p, root, ipc, group, f"images vs labels ipc {ipc}",
-                    "") as (tracker, events):
-        summary = decompose_ipc(p, pa, ipc, events, group=group)
-        log_other_ranks(tracker, events, summary["runs"], group)
-        tracker.metrics({k: summary[k] for k in KEYS}, 0)
-        tracker.pipeline_metrics({f"decompose.ipc{ipc}.{k}": summary[k] for k in KEYS})
+def run(ipc: int, params: str = "params.yaml", root: str = ".", group: Group = SINGLE) -> dict:
+    summary = measure("decompose", ipc, params, root, group, f"images vs labels ipc {ipc}", "",
+                      decompose_ipc, lambda s: (
+                          {k: s[k] for k in KEYS},
+                          {f"decompose.ipc{ipc}.{k}": s[k] for k in KEYS}))
     pct = lambda key: f"{100 * summary[key]:.2f}"  # noqa: E731
     common.console.print(
         f"[green]decompose ipc {ipc}:[/] distilled images {pct('distilled_soft')} with their "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from datm.config import Params
@@ -72,33 +72,42 @@ def ipc_stage(stage: str, p: Params, root: str, ipc: int, group: Group, label: s
         yield tracker, progress_events(tracker, bar, task, prefix)
 
 
+def measure(stage: str, ipc: int, params: str, root: str, group: Group, label: str,
+            prefix: str, compute: Callable[..., dict],
+            metrics: Callable[[dict], tuple[dict, dict]]) -> dict:
+    """The body of a per-IPC evaluation stage: `compute(params, paths, ipc, on_event,
+    group=...)` under the stage's MLflow run and progress bar, then every model's accuracy and
+    `metrics(summary)` (the run's metrics, the pipeline run's metrics) logged; the summary."""
+    p, pa = common.load(params), common.paths(root)
+    with ipc_stage(stage, p, root, ipc, group, label, prefix) as (tracker, events):
+        summary = compute(p, pa, ipc, events, group=group)
+        log_other_ranks(tracker, events, summary["runs"], group)
+        own, pipeline = metrics(summary)
+        tracker.metrics(own, 0)
+        tracker.pipeline_metrics(pipeline)
+    return summary
+
+
 def run_baseline(ipc: int, params: str = "params.yaml", root: str = ".",
                  group: Group = SINGLE) -> dict:
-    p, pa = common.load(params), common.paths(root)
-    with ipc_stage("baseline", p, root, ipc, group, f"random real ipc {ipc}",
-                    "random real") as (tracker, events):
-        summary = baseline_ipc(p, pa, ipc, events, group=group)
-        log_other_ranks(tracker, events, summary["runs"], group)
-        tracker.metrics({"random_real": summary["random_real"],
-                         "random_real_std": summary["random_real_std"]}, 0)
-        tracker.pipeline_metrics({f"acc.random_real.ipc{ipc}": summary["random_real"]})
+    summary = measure("baseline", ipc, params, root, group, f"random real ipc {ipc}",
+                      "random real", baseline_ipc, lambda s: (
+                          {"random_real": s["random_real"],
+                           "random_real_std": s["random_real_std"]},
+                          {f"acc.random_real.ipc{ipc}": s["random_real"]}))
     common.console.print(f"[green]baseline ipc {ipc}:[/] random real {summary['random_real']:.4f}"
                          f" ± {summary['random_real_std']:.4f}")
     return summary
 
 
 def run(ipc: int, params: str = "params.yaml", root: str = ".", group: Group = SINGLE) -> dict:
-    p, pa = common.load(params), common.paths(root)
-    with ipc_stage("evaluate", p, root, ipc, group, f"evaluate ipc {ipc}",
-                    "") as (tracker, events):
-        summary = evaluate_ipc(p, pa, ipc, events, group=group)
-        log_other_ranks(tracker, events, summary["runs"], group)
-        tracker.metrics({k: v for k, v in summary.items()
-                         if isinstance(v, (int, float)) and v is not None}, 0)
-        tracker.pipeline_metrics({f"acc.distilled.ipc{ipc}": summary["distilled"],
-                                  f"acc.random_real.ipc{ipc}": summary["random_real"],
-                                  "acc.full_dataset": summary["full_dataset"],
-                                  f"matching_loss.ipc{ipc}": summary["matching_loss"]})
+    summary = measure("evaluate", ipc, params, root, group, f"evaluate ipc {ipc}", "",
+                      evaluate_ipc, lambda s: (
+                          {k: v for k, v in s.items() if isinstance(v, (int, float))},
+                          {f"acc.distilled.ipc{ipc}": s["distilled"],
+                           f"acc.random_real.ipc{ipc}": s["random_real"],
+                           "acc.full_dataset": s["full_dataset"],
+                           f"matching_loss.ipc{ipc}": s["matching_loss"]}))
     full = summary["full_dataset"]
     common.console.print(
         f"[green]evaluate ipc {ipc}:[/] distilled {summary['distilled']:.4f} ± "

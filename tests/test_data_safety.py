@@ -41,6 +41,24 @@ def _run_all(paths: Paths, raw: dict) -> None:
 
 # --- 1. a bad parameter never costs finished work -----------------------------------------------
 
+def _project_with_experts(tmp_path: Path, monkeypatch) -> tuple[Paths, dict, dict[str, bytes]]:
+    """A tiny project whose experts are trained, with the experts' bytes to compare against."""
+    monkeypatch.setenv("DATM_TRACKING", "off")
+    paths = Paths(tmp_path)
+    write_splits(paths)
+    raw = tiny_raw()
+    pipeline.fit_zca(Params.from_dict(raw), paths)
+    pipeline.buffers(Params.from_dict(raw), paths)
+    return paths, raw, {p.name: p.read_bytes() for p in paths.buffers.iterdir()}
+
+
+def _buffers_stage(root: Path) -> int:
+    """The buffers stage on the project's params.yaml, as DVC runs it: its exit code."""
+    from stages import buffers as stage
+
+    return common.guarded(lambda: stage.run(str(root / "params.yaml"), str(root)))
+
+
 @pytest.mark.parametrize("key, value, fragment", [
     ("width", 0, "net: width and depth must be >= 1"),
     ("width", "x", "net.width must be int"),
@@ -48,18 +66,10 @@ def _run_all(paths: Paths, raw: dict) -> None:
 ])
 def test_a_bad_net_setting_keeps_every_finished_expert(tmp_path, key, value, fragment, capsys,
                                                        monkeypatch):
-    monkeypatch.setenv("DATM_TRACKING", "off")
-    paths = Paths(tmp_path)
-    write_splits(paths)
-    raw = tiny_raw()
-    pipeline.fit_zca(Params.from_dict(raw), paths)
-    pipeline.buffers(Params.from_dict(raw), paths)
-    before = {p.name: p.read_bytes() for p in paths.buffers.iterdir()}
+    paths, raw, before = _project_with_experts(tmp_path, monkeypatch)
     raw["net"][key] = value
     helpers.write_params(tmp_path, raw)
-    from stages import buffers as stage
-
-    code = common.guarded(lambda: stage.run(str(tmp_path / "params.yaml"), str(tmp_path)))
+    code = _buffers_stage(tmp_path)
     assert code == 2
     assert fragment in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in paths.buffers.iterdir()} == before
@@ -74,17 +84,9 @@ def test_a_setting_a_later_stage_refuses_never_replaces_the_experts(tmp_path, ch
     """The check that experts cover every window used to run inside distill only: buffers
     first retrained (deleted) the experts for a buffers.epochs that distill then refused.
     Cross-setting rules are config validation now, before any stage touches an artifact."""
-    monkeypatch.setenv("DATM_TRACKING", "off")
-    paths = Paths(tmp_path)
-    write_splits(paths)
-    raw = tiny_raw()
-    pipeline.fit_zca(Params.from_dict(raw), paths)
-    pipeline.buffers(Params.from_dict(raw), paths)
-    before = {p.name: p.read_bytes() for p in paths.buffers.iterdir()}
+    paths, raw, before = _project_with_experts(tmp_path, monkeypatch)
     helpers.write_params(tmp_path, helpers._overlay(raw, change))
-    from stages import buffers as stage
-
-    code = common.guarded(lambda: stage.run(str(tmp_path / "params.yaml"), str(tmp_path)))
+    code = _buffers_stage(tmp_path)
     assert code == 2
     err = capsys.readouterr().err
     assert fragment in err and err.count("error:") == 1
@@ -95,22 +97,15 @@ def test_settings_that_diverge_are_refused_before_the_experts_are_replaced(tmp_p
                                                                           monkeypatch):
     """A setting that passes validation but cannot train (its first steps go NaN) is found by
     a few probe steps, before the experts of the old settings are dropped."""
-    monkeypatch.setenv("DATM_TRACKING", "off")
-    paths = Paths(tmp_path)
-    write_splits(paths)
-    raw = tiny_raw()
-    pipeline.fit_zca(Params.from_dict(raw), paths)
-    pipeline.buffers(Params.from_dict(raw), paths)
-    before = {p.name: p.read_bytes() for p in paths.buffers.iterdir()}
+    paths, raw, before = _project_with_experts(tmp_path, monkeypatch)
     raw["buffers"]["lr"] = 9.5
     helpers.write_params(tmp_path, raw)
     from datm import experts
-    from stages import buffers as stage
 
     real = experts.train_group
     monkeypatch.setattr(experts, "train_group", lambda *a, **k: (
         lambda t, h: (t * float("nan"), h))(*real(*a, **k)))
-    code = common.guarded(lambda: stage.run(str(tmp_path / "params.yaml"), str(tmp_path)))
+    code = _buffers_stage(tmp_path)
     err = capsys.readouterr().err
     assert code == 2 and "diverge" in err and err.count("error:") == 1
     assert {p.name: p.read_bytes() for p in paths.buffers.iterdir()} == before

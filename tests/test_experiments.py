@@ -374,6 +374,18 @@ def test_repro_is_one_parent_run_with_the_stage_runs_under_it(project):
     evaluate = next(r for r in children if r.info.run_name == "evaluate@2")
     assert evaluate.data.params["distill.syn_steps"] == "2"
     assert evaluate.data.params["net.width"] == "4"
+    stages = {r.data.tags.get("stage") for r in children}
+    assert stages == {"download", "zca", "buffers", "baseline", "distill", "evaluate",
+                      "crossarch", "decompose", "summary"}, stages
+    # each distillation: its IPC, its settings, its loss per iteration, the torch that ran it
+    from importlib import metadata
+
+    distills = {r.data.tags.get("ipc"): r for r in children if r.data.tags.get("stage") == "distill"}
+    assert set(distills) == {"1", "2"}
+    for run in distills.values():
+        assert run.data.params["distill.syn_steps"] == "2"
+        assert len(project.client().get_metric_history(run.info.run_id, "loss")) == 3
+        assert run.data.tags["torch"] == metadata.version("torch")
     # stable artifact names, inside the project
     distill = next(r for r in children if r.info.run_name == "distill@1")
     folder = project.root / "mlartifacts" / "datm" / distill.info.run_id / "artifacts"

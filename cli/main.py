@@ -300,12 +300,28 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
         shutil.copyfile(source, root / "params.yaml")
         common.console.print(f"params.yaml is now preset '{preset}' "
                              "(`git checkout params.yaml` restores the default profile)")
+    _run(lambda: _check_repro(root))
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     cmd = [dvc, "repro", *(targets or [])] + (["--force"] if force else [])
     common.console.print(f"[dim]$ {' '.join(cmd)}[/]")
     # dvc.yaml runs `python -m stages...`: make that the python datm runs in (the venv's).
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     raise typer.Exit(subprocess.call(cmd, cwd=root, env=env))
+
+
+def _check_repro(root: Path) -> None:
+    """What every stage would refuse, refused before DVC starts: DVC deletes a stage's outputs
+    (those not `persist`) before its command runs, and would print its own lines about the
+    stage's failure. So all of params.yaml and its device on this machine, as the stages load
+    them, and no DATM_RANKS, which no stage accepts under DVC (stages/common.py, processes).
+    Without a params.yaml DVC says what is missing: it resolves dvc.yaml before any stage."""
+    from datm.errors import UserError
+
+    if (root / "params.yaml").exists():
+        common.load(root / "params.yaml").torch_device()
+    if os.environ.get(common.RANKS_ENV, "").strip():
+        raise UserError(f"{common.RANKS_ENV} does not apply to `datm repro` (DVC runs the "
+                        f"stages): set launch.<stage> in params.yaml and unset {common.RANKS_ENV}")
 
 
 @app.command()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,11 +35,13 @@ class ArtifactError(UserError):
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to `path`; rename it over `path` only if the block succeeds.
 
-    A killed process therefore never leaves a half-written artifact under the final name.
+    A killed process therefore never leaves a half-written artifact under the final name, and
+    the temp file it leaves is removed by the next write of `path` (`remove_dead_temps`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_dead_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -46,6 +50,63 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this host: a pid in a temp name only means something on its host."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_prefix(path: Path) -> str:
+    """`.<name>.<pid>-<host>-`, to which mkstemp adds its random part and `.tmp`: the writer's
+    pid and host in the name tell the next writer whether the writer of a temp is dead."""
+    return f".{path.name}.{os.getpid()}-{_host_tag()}-"
+
+
+def _temps(target: Path) -> Iterator[tuple[Path, str]]:
+    """The temp files and folders beside `target` named as its writers name them
+    (`.<name>.<middle>.tmp`), each with its middle part."""
+    if not target.parent.is_dir():
+        return
+    head, tail = f".{target.name}.", ".tmp"
+    for temp in sorted(target.parent.iterdir()):  # a list: callers remove some
+        name = temp.name
+        middle = name[len(head):-len(tail)] if name.startswith(head) and name.endswith(tail) else ""
+        if middle and "." not in middle:  # the random part never holds a dot: `x.1` is not `x`'s
+            yield temp, middle
+
+
+def _writer_is_dead(middle: str) -> bool:
+    """Whether the `<pid>-<host>-<random>` middle of a temp name names a process of this host
+    that no longer runs. Other names (another host's, or those of datm before pids were in
+    them) are never taken for dead: their writer may still be writing."""
+    pid, _, rest = middle.partition("-")
+    host, _, _ = rest.partition("-")
+    if not pid.isdigit() or host != _host_tag():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's process, or no such pid at all
+        return False
+    return False
+
+
+def _remove(temp: Path) -> None:
+    if temp.is_dir() and not temp.is_symlink():
+        shutil.rmtree(temp, ignore_errors=True)
+    else:
+        temp.unlink(missing_ok=True)
+
+
+def remove_dead_temps(target: str | os.PathLike) -> None:
+    """Remove the temp files that writers of `target` killed on this host left beside it; a
+    live writer's temp (another process writing `target` right now) is kept. Safe without a
+    lock: the writer's pid is alive from its temp's creation to its rename."""
+    for temp, middle in _temps(Path(target)):
+        if _writer_is_dead(middle):
+            _remove(temp)
 
 
 def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str,
@@ -136,24 +197,11 @@ def load_rows(path: str | os.PathLike, key: str, rows: list[int],
 
 
 def remove_stale_temps(target: str | os.PathLike) -> None:
-    """Remove what killed writers of `target` left beside it: `atomic_path`'s temp files, and
-    temp folders named the same way (`.<name>.<random>.tmp`, as `export` makes them).
+    """Remove every temp that writers of `target` left beside it: `atomic_path`'s temp files,
+    and temp folders named the same way (`.<name>.<random>.tmp`, as `export` makes them).
 
     Call it only while no other process can be writing `target` (hold its lock): a live
-    writer's temp file looks just like a dead one's.
+    writer's temp looks just like a dead one's here (`remove_dead_temps` tells them apart).
     """
-    import shutil
-
-    target = Path(target)
-    if not target.parent.is_dir():
-        return
-    head, tail = f".{target.name}.", ".tmp"
-    for stale in target.parent.iterdir():
-        name = stale.name
-        middle = name[len(head):-len(tail)] if name.startswith(head) and name.endswith(tail) else ""
-        if not middle or "." in middle:  # mkstemp's random part never holds a dot
-            continue
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+    for temp, _ in _temps(Path(target)):
+        _remove(temp)

@@ -36,7 +36,7 @@ import torch
 
 from . import artifacts, locks
 from .errors import UserError
-from .sets import HandedSet
+from .sets import HandedSet, one_line
 from .zca import ZCA
 
 FORMATS = ("safetensors", "pt", "npz", "png")
@@ -83,6 +83,11 @@ def export(inputs: torch.Tensor, pixels: torch.Tensor, logits: torch.Tensor, lr:
                           "distillation?): refusing to export it; distill again with a lower "
                           "lr_img / lr_lr")
     out = Path(out)
+    if out.is_symlink():
+        # --force would swap the link itself aside and write the new export in its place, and
+        # the folder it names would stay as it was: refuse before anything is written
+        raise ExportError(f"{out} is a symbolic link (to {os.readlink(out)}): pass the folder "
+                          "itself as --out")
     try:
         return _export(inputs.float().cpu(), pixels.float().cpu(), logits.float().cpu(), lr,
                        classes, out, fmt, card, force, zca or ZCA())
@@ -93,7 +98,7 @@ def export(inputs: torch.Tensor, pixels: torch.Tensor, logits: torch.Tensor, lr:
 def _export(inputs: torch.Tensor, pixels: torch.Tensor, logits: torch.Tensor, lr: float,
             classes: list[str], out: Path, fmt: str, card: dict, force: bool, zca: ZCA) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    with locks.hold(out.parent / f".{out.name}.lock", f"{out} is being exported"):
+    with _locked(out):
         _recover(out)
         artifacts.remove_stale_temps(out)  # a killed export's half-written folders
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -106,6 +111,8 @@ def _export(inputs: torch.Tensor, pixels: torch.Tensor, logits: torch.Tensor, lr
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
             stored = _write(tmp, inputs, pixels, logits, lr, classes, fmt)
+            # what `read` gives back, as a digest: files edited after the export are refused
+            stored["files_digest"] = files_digest(_read_tensors(tmp, fmt, LAYOUT))
             if zca.enabled:
                 zca.save(tmp / ZCA_FILE)
             outside = float(((pixels < 0) | (pixels > 1)).float().mean())
@@ -122,6 +129,17 @@ def _export(inputs: torch.Tensor, pixels: torch.Tensor, logits: torch.Tensor, lr
             if tmp.exists():
                 shutil.rmtree(tmp)
     return out
+
+
+def _locked(out: Path):
+    """The lock of export folder `out`: one export (or one --record) at a time."""
+    return locks.hold(out.parent / f".{out.name}.lock", f"{out} is being exported")
+
+
+def files_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """The identity of an export's files as read back (png: the decoded images), 16 hex
+    digits; its card holds it, so that an edited file is never measured under the card."""
+    return artifacts.tensor_digest(tensors)[:16]
 
 
 def _contents(fmt: str) -> dict:
@@ -167,15 +185,50 @@ def _check_reads_back(folder: Path, inputs: torch.Tensor, pixels: torch.Tensor, 
                           "of each image's range allow: export refused")
 
 
-def record_accuracy(folder: str | Path, accuracy: str, how: str) -> None:
-    """Write the measured accuracy of exactly this folder's set into its card and README
-    (`datm evaluate --from DIR --record`, which `datm export` runs for png)."""
+def record_accuracy(folder: str | Path, accuracy: str, how: str, digest: str | None,
+                    recipe: dict | None) -> None:
+    """Write the accuracy measured on files of digest `digest` under `recipe` (the card's
+    shape of it) into the folder's card and README (`datm evaluate --from DIR --record`, which
+    `datm export` runs for png), under the folder's lock: only when the card still describes
+    those files (another export may have replaced them meanwhile) and states that recipe."""
     folder = Path(folder)
-    card = json.loads((folder / CARD).read_text())
-    card.setdefault("accuracy", {})
-    card["accuracy"].update(distilled=accuracy, measured=how)
-    card["accuracy"].pop("note", None)
-    _write_card(folder, card)
+    with _locked(folder):
+        card = read(folder).card  # the files as they are now, checked against their card
+        if "files_digest" not in card:
+            raise ExportError(f"{folder}'s card has no files digest (an earlier datm's "
+                              "export): export the set again to record its number")
+        if digest != card["files_digest"]:
+            raise ExportError(f"{folder} changed while it was measured (another export "
+                              f"replaced it?): {accuracy} is not its number and was not recorded")
+        if recipe is None or card.get("recipe") is None:
+            raise ExportError(f"{folder}: the measurement has no recipe to match the card's "
+                              "(--lr, --zca, or an export without one): not recorded")
+        differ = recipe_differences(recipe, card["recipe"])
+        if differ:
+            raise ExportError(f"{folder}: measured under another recipe than its card's "
+                              f"({differ}): {accuracy} was not recorded")
+        card.setdefault("accuracy", {})
+        card["accuracy"].update(distilled=accuracy, measured=how)
+        card["accuracy"].pop("note", None)
+        _write_card(folder, card)
+
+
+def recipe_differences(measured: dict, stated: dict) -> str:
+    """How the recipe a number was measured under differs from the one a card states, setting
+    by setting ("seed: measured 0, the card 7; ..."); "" if it does not."""
+    a, b = _flat(json.loads(json.dumps(measured))), _flat(json.loads(json.dumps(stated)))
+    return "; ".join(f"{key}: measured {a.get(key, 'unset')}, the card {b.get(key, 'unset')}"
+                     for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _aside(out: Path) -> Path:
@@ -309,6 +362,10 @@ def read(folder: str | Path) -> HandedSet:
     class_ids = t["class_ids"].long() if "class_ids" in t else logits.argmax(1)
     inputs = t["inputs"].float() if "inputs" in t else None
     _check_against_card(folder, card, t["images"], inputs, logits, class_ids, t["lr"])
+    if "files_digest" in card and files_digest(t) != card["files_digest"]:
+        raise ExportError(f"{folder} does not match its {CARD}: its files were changed after "
+                          f"the export (digest {files_digest(t)}, the card says "
+                          f"{card['files_digest']}); export the set again")
     if inputs is not None:
         note = f"datm export ({fmt}): `inputs`, exactly the network inputs datm measured"
     elif fmt == "png" and layout >= 2:
@@ -364,10 +421,10 @@ def _read_tensors(folder: Path, fmt: str, layout: int) -> dict[str, torch.Tensor
         if fmt == "safetensors":
             return artifacts.load(path, "export")[0]
         if fmt == "pt":
-            return torch.load(path, weights_only=True)
+            return _tensors(path, torch.load(path, weights_only=True))
         if fmt == "npz":
             with np.load(path) as z:
-                return {k: torch.from_numpy(z[k]) for k in z.files}
+                return _tensors(path, {k: torch.from_numpy(z[k]) for k in z.files})
         t, meta = artifacts.load(path, "export-labels")
         codes = torch.stack([_read_png(folder / name) for name in meta["files"]])
         if layout >= 2:
@@ -381,7 +438,15 @@ def _read_tensors(folder: Path, fmt: str, layout: int) -> dict[str, torch.Tensor
     except artifacts.ArtifactError as exc:
         raise ExportError(str(exc)) from None
     except Exception as exc:  # numpy, zipfile and pickle raise many types for a damaged file
-        raise ExportError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+        raise ExportError(f"cannot read {path}: {one_line(exc)}") from None
+
+
+def _tensors(path: Path, value: object) -> dict[str, torch.Tensor]:
+    """A file's content as the named tensors an export holds, or an ExportError."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in value.items()):
+        raise ExportError(f"{path} must hold named tensors, got {type(value).__name__}")
+    return value
 
 
 def _read_png(path: Path) -> torch.Tensor:

@@ -140,12 +140,24 @@ def _load_pt(path: Path) -> torch.Tensor:
     try:
         value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zipfile and torch raise many types for a bad file
-        raise SetError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+        raise SetError(f"cannot read {path}: {one_line(exc)}") from None
     if isinstance(value, (int, float)):
         value = torch.tensor(value)
     if not isinstance(value, torch.Tensor):
         raise SetError(f"{path} must hold a tensor, got {type(value).__name__}")
     return value.detach()
+
+
+def one_line(exc: BaseException) -> str:
+    """Why a file could not be read, in one line: torch.load's weights_only refusal is
+    paragraphs of advice (one of which suggests running the file's code) around its reason."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        reason = next((line for line in lines[1:] if not line.startswith(
+            ("Please file", "Check the documentation", "WeightsUnpickler error"))), "")
+        return ("not a tensor file torch.load reads safely (weights_only)"
+                + (f": {reason}" if reason else ""))
+    return f"{type(exc).__name__}: {lines[0] if lines else 'unreadable'}"
 
 
 def _key(name: str) -> str:

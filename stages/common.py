@@ -178,7 +178,15 @@ def guarded(fn: Callable[[], object], announce: bool = True) -> int:
     """
     try:
         interrupts.release()  # a Ctrl-C held since this process started (stages/__init__.py)
-        fn()
+        try:
+            fn()
+        except (RuntimeError, MemoryError) as exc:
+            # settings this machine cannot hold (a network too wide, a batch too large) are
+            # the user's to change, not a bug: one line, like any other bad setting
+            why = out_of_memory(exc)
+            if why is None:
+                raise
+            raise UserError(why) from exc
     except UserError as exc:
         if os.environ.get("DATM_DEBUG"):
             raise
@@ -197,6 +205,17 @@ def guarded(fn: Callable[[], object], announce: bool = True) -> int:
             console.print(INTERRUPTED)
         return 130
     return 0
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """The one line for an allocation that failed (torch's CPU allocator, a CUDA or MPS
+    out-of-memory, Python's MemoryError); None for any other error."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "out of memory" in text.lower()):
+        return None
+    return (f"out of memory: {text or type(exc).__name__} (lower net.width, a batch size or "
+            "the processes per stage in `launch`, or use a machine with more memory)")
 
 
 def main(fn: Callable[[], object]) -> None:
@@ -394,7 +413,10 @@ def _launch(argv: list[str]) -> int:
         # this thread, as its children, with the environment of this process.
         os.environ[LAUNCHER_ENV] = str(os.getpid())
         os.environ[ERRORS_ENV] = errors
-        torch_run.run(torch_run.parse_args(argv))
+        # torchrun's own logs go under the folder removed below: by default it leaves a
+        # torchelastic_* folder in the temp dir per launch, ~10 per `dvc repro`
+        torch_run.run(torch_run.parse_args(["--log-dir", os.path.join(errors, "torchrun"),
+                                            *argv]))
     except ChildFailedError as exc:
         _report_rank_errors(exc.failures, Path(errors))
         rank, failure = exc.get_first_failure()

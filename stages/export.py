@@ -8,9 +8,13 @@ rounding).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+import torch
+
+from datm.config import Params
 from datm.distributed import SINGLE, Group, cores, launched
 from datm.export import LOSSLESS, record_accuracy
 from datm.steps.export import FromOptions, check_from, describe_result, evaluate_from, export_ipc
@@ -23,13 +27,28 @@ def export(ipc: int, fmt: str, out: str | Path, force: bool = False, root: str =
            params: str = "params.yaml") -> Path:
     """`datm export`: the card's recipe is the evaluation that `params` sets."""
     p = common.load(params)
-    threads = max(1, cores() // common.processes("evaluate", params)) \
-        if p.torch_device().type == "cpu" else None
+    models = (p.evaluation(ipc) if ipc in p.ipcs else p.evaluate).models
     path = export_ipc(p, common.paths(root), ipc, fmt, Path(out), force, git_commit(root),
-                      threads)
+                      evaluation_threads(p, params, models))
     common.console.print(f"[green]exported[/] IPC {ipc} as {fmt} -> {path}"
                          + ("" if fmt in LOSSLESS else " (8-bit; measuring it next)"))
     return path
+
+
+def evaluation_threads(p: Params, params: str, models: int) -> int | None:
+    """The threads per process on a CPU of an evaluation of `models` networks, as
+    `common.start` launches it (evaluate@N, `datm evaluate --from`): one process keeps this
+    one's; several take OMP_NUM_THREADS if set, else an equal share of the cores. A card states
+    them: they change the float rounding, so a number holds only for its threads."""
+    if p.torch_device().type != "cpu":
+        return None
+    world = common.processes("evaluate", params, lambda _: models)
+    if world == 1:
+        return torch.get_num_threads()
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return max(1, cores() // world)
 
 
 def run_from(folder: str | Path, options: FromOptions = FromOptions(), record: bool = False,
@@ -57,8 +76,9 @@ def run_from(folder: str | Path, options: FromOptions = FromOptions(), record: b
     number = describe_result(result)
     if record and group.is_main:
         record_accuracy(folder, number, f"by `datm evaluate --from` on exactly these files "
+                        f"(files digest {result['files_digest']}) under the card's recipe "
                         f"({result['recipe']['models']} models, {result['recipe']['epochs']} "
-                        "epochs, the card's recipe)")
+                        "epochs)", result["files_digest"], result["card_recipe"])
     common.console.print(f"[green]evaluate {folder}:[/] {number} test accuracy"
                          + (" (recorded on its card)" if record else ""))
     return result
@@ -87,15 +107,21 @@ def start_from(folder: str | Path, options: FromOptions = FromOptions(), record:
         args += ["--lr", repr(options.lr)]
     if record:
         args.append("--record")
-    # a set that cannot be evaluated: one error line here, not one per launched process
-    code = 0 if launched() else common.guarded(lambda: check_from(common.paths(root),
-                                                                   Path(folder)))
+    # a set that cannot be evaluated (or recorded): one error line here, not one per launched
+    # process; its recipe's models bound the processes, as for evaluate@N (same threads)
+    models = [0]
+
+    def check() -> None:
+        p = common.load(params)
+        models[0] = check_from(p, common.paths(root), Path(folder), options, record,
+                               lambda most: evaluation_threads(p, params, most))
+
+    code = 0 if launched() else common.guarded(check)
     if code:
         return code
     return common.start("evaluate", "stages.export", args,
                         lambda group: run_from(folder, options, record, params, root, group),
-                        params, most=lambda p: p.evaluate.models if not p.ipcs else
-                        max(p.evaluation(i).models for i in p.ipcs))
+                        params, most=lambda p: models[0] or p.evaluate.models)
 
 
 def _parse_args():

@@ -381,7 +381,8 @@ def test_a_png_export_is_its_own_set_and_its_card_says_so(far_out, monkeypatch):
     spy = EvalSpy(monkeypatch)
     result = pipeline.evaluate_from(params, paths, folder)
     assert not torch.equal(spy.calls[0]["x"], tensors["images"])  # 8 bits: close, not equal
-    export.record_accuracy(folder, pipeline_describe(result), "by a test")
+    export.record_accuracy(folder, pipeline_describe(result), "by a test", result["files_digest"],
+                           result["card_recipe"])
     card = json.loads((folder / "dataset_card.json").read_text())
     assert card["accuracy"]["distilled"] == pipeline_describe(result)
     assert pipeline_describe(result) in (folder / "README.md").read_text()
@@ -496,3 +497,150 @@ def test_crossarch_evaluates_the_set_and_a_random_subset_on_each_other_arch(tmp_
     m = params.evaluate.models
     assert [r["set"] for r in row["runs"]] == ["distilled"] * m + ["random real"] * m
     assert "seconds" not in paths.crossarch(1).read_text()
+
+
+# --- a card's number is its files' under its recipe, or "not measured" ----------------------------
+
+def test_a_card_shows_evaluates_number_only_under_the_recipe_it_measured(far_out, tmp_path):
+    """Any setting the number depends on, changed after evaluate@2 measured the set, makes the
+    card say "not measured" and name it (not only lr, epochs, batch and arch); the threads per
+    process too, since they change the rounding."""
+    from dataclasses import replace
+
+    root, paths, params = far_out
+    pipeline.evaluate_ipc(params, paths, 2)
+    ev, aug, net = params.evaluate, params.augment, params.net
+    changes = {
+        "seed": replace(params, evaluate=replace(ev, seed=7)),
+        "momentum": replace(params, evaluate=replace(ev, momentum=0.5)),
+        "weight_decay": replace(params, evaluate=replace(ev, weight_decay=0.01)),
+        "models": replace(params, evaluate=replace(ev, models=3)),
+        "augment.enabled": replace(params, evaluate=replace(ev, augment=False)),
+        "augment.strategy": replace(params, augment=replace(aug, strategy="crop_flip")),
+        "augment.scale": replace(params, augment=replace(aug, scale=1.5)),
+        "net.width": replace(params, net=replace(net, width=net.width + 4)),
+    }
+    for key, changed in changes.items():
+        card = json.loads((pipeline.export_ipc(changed, paths, 2, "safetensors",
+                                               tmp_path / key) / "dataset_card.json").read_text())
+        assert card["accuracy"]["distilled"] == export.NOT_MEASURED, key
+        assert f"{key}: measured" in card["accuracy"]["note"], (key, card["accuracy"]["note"])
+        assert card["accuracy"]["random_real"] == export.NOT_MEASURED, key  # same recipe, too
+    card = json.loads((pipeline.export_ipc(params, paths, 2, "npz", tmp_path / "threads",
+                                           threads=7) / "dataset_card.json").read_text())
+    assert card["recipe"]["threads"] == 7
+    assert card["accuracy"]["distilled"] == export.NOT_MEASURED
+    assert "threads: measured 1, the card 7" in card["accuracy"]["note"]
+    same = pipeline.export_ipc(params, paths, 2, "npz", tmp_path / "same")
+    accuracy = json.loads((same / "dataset_card.json").read_text())["accuracy"]
+    assert "±" in accuracy["distilled"] and "±" in accuracy["random_real"]
+
+
+def _edit_tensors(key: str, change):
+    def edit(folder):
+        tensors, meta = artifacts.load(folder / "images.safetensors", "export")
+        tensors[key] = change(tensors[key].clone())
+        artifacts.save(folder / "images.safetensors", tensors, "export", meta)
+    return edit
+
+
+def _add_at_first(t: torch.Tensor, value: float) -> torch.Tensor:
+    t.view(-1)[0] += value
+    return t
+
+
+def _edit_npz(folder):
+    import numpy as np
+
+    with np.load(folder / "images.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["inputs"] = arrays["inputs"] * 0
+    np.savez(folder / "images.npz", **arrays)
+
+
+def _invert_a_png(folder):
+    from PIL import Image, ImageOps
+
+    path = sorted(folder.rglob("*.png"))[0]
+    with Image.open(path) as im:
+        ImageOps.invert(im.convert("L")).save(path)
+
+
+@pytest.mark.parametrize("fmt, edit", [
+    ("safetensors", _edit_tensors("inputs", lambda t: _add_at_first(t, 5.0))),
+    ("safetensors", _edit_tensors("images", lambda t: _add_at_first(t, 5.0))),
+    ("safetensors", _edit_tensors("class_ids", lambda t: (t + 1) % 3)),
+    ("safetensors", _edit_tensors("label_logits", lambda t: torch.cat([-t[:1], t[1:]]))),
+    ("npz", _edit_npz),
+    ("png", _invert_a_png),
+], ids=["inputs", "pixels", "class_ids", "label_logits", "npz-inputs", "png-inverted"])
+def test_an_edited_export_is_refused_as_not_its_cards_set(far_out, tmp_path, fmt, edit):
+    """Files edited after the export, in ways the card's shapes and lr cannot see, are refused
+    by `evaluate --from` (one line), never measured under the card's name and number."""
+    root, paths, params = far_out
+    folder = pipeline.export_ipc(params, paths, 2, fmt, tmp_path / "x")
+    export.read(folder)  # the export as written reads
+    edit(folder)
+    with pytest.raises(export.ExportError, match="changed after the export") as err:
+        pipeline.evaluate_from(params, paths, folder)
+    assert "\n" not in str(err.value)
+
+
+def test_record_writes_only_a_number_measured_under_the_cards_recipe(far_out, tmp_path):
+    """`evaluate --from --record -p other.yaml`: refused before training (check_from), and
+    record_accuracy itself refuses a measurement under another recipe; the card is unchanged."""
+    from dataclasses import replace
+
+    from datm.sets import SetError
+    from datm.steps.export import FromOptions, check_from
+
+    root, paths, params = far_out
+    folder = pipeline.export_ipc(params, paths, 2, "png", tmp_path / "png")
+    before = (folder / "dataset_card.json").read_text()
+    other = replace(params, evaluate=replace(params.evaluate, seed=7))
+    with pytest.raises(SetError, match="--record .*seed: measured 7, the card 0"):
+        check_from(other, paths, folder, record=True, threads=lambda models: 1)
+    with pytest.raises(SetError, match="--record .*--lr"):
+        check_from(params, paths, folder, FromOptions(lr=0.01), record=True,
+                   threads=lambda models: 1)
+    assert check_from(params, paths, folder, record=True, threads=lambda models: 1) == 2
+    result = pipeline.evaluate_from(other, paths, folder)
+    with pytest.raises(export.ExportError, match="another recipe .*seed: measured 7"):
+        export.record_accuracy(folder, pipeline_describe(result), "by a test",
+                               result["files_digest"], result["card_recipe"])
+    assert (folder / "dataset_card.json").read_text() == before
+
+
+def test_a_record_is_refused_once_another_export_replaced_the_folder(far_out, tmp_path):
+    """A png export measured while `export --force` puts another set in its place: the number
+    is not written onto the new card; nor while another export holds the folder's lock."""
+    from datm.locks import LockHeld
+
+    root, paths, params = far_out
+    folder = pipeline.export_ipc(params, paths, 2, "png", tmp_path / "R")
+    result = pipeline.evaluate_from(params, paths, folder)
+    with export._locked(folder):
+        with pytest.raises(LockHeld, match="being exported"):
+            export.record_accuracy(folder, pipeline_describe(result), "by a test",
+                                   result["files_digest"], result["card_recipe"])
+    pipeline.export_ipc(params, paths, 2, "safetensors", folder, force=True)
+    card = (folder / "dataset_card.json").read_text()
+    with pytest.raises(export.ExportError, match="changed while it was measured"):
+        export.record_accuracy(folder, pipeline_describe(result), "by a test",
+                               result["files_digest"], result["card_recipe"])
+    assert (folder / "dataset_card.json").read_text() == card
+    assert json.loads(card)["format"] == "safetensors"
+
+
+def test_an_export_to_a_symbolic_link_is_refused_before_anything_is_written(tmp_path):
+    x = torch.rand(3, 1, 4, 4)
+    real = export.export(x, x, torch.zeros(3, 3), 0.25, ["a", "b", "c"], tmp_path / "real",
+                         "safetensors", {"ipc": 1})
+    (tmp_path / "lnk").symlink_to(real)
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(export.ExportError, match="is a symbolic link") as err:
+        export.export(x * 2, x * 2, torch.zeros(3, 3), 0.5, ["a", "b", "c"], tmp_path / "lnk",
+                      "safetensors", {"ipc": 1}, force=True)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    assert (tmp_path / "lnk").is_symlink() and export.read(real).lr == 0.25

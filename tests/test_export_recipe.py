@@ -339,3 +339,22 @@ def _model_space_artifact(params: Params, paths: Paths, scale: float = 1.0) -> p
     meta.update(zca=md.zca.enabled, mean=md.mean, std=md.std)
     artifacts.save(paths.distilled(IPC), tensors, "distilled", meta)
     return md
+
+
+def test_the_cards_threads_are_those_the_evaluation_runs_with(tmp_path, monkeypatch):
+    """launch.evaluate processes each take OMP_NUM_THREADS if set, else a share of the cores;
+    one process keeps its own: the card states what `datm evaluate` will run with (the card
+    once said cores / launch.evaluate while evaluate@N ran with OMP_NUM_THREADS=1)."""
+    from stages import export as stage
+
+    raw = recipe_raw()
+    raw["launch"]["evaluate"] = 2
+    path = helpers.write_params(tmp_path, raw)
+    p = Params.from_dict(raw)
+    monkeypatch.delenv("DATM_RANKS", raising=False)
+    share = max(1, stage.cores() // 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(share + 3))  # not the share, whatever the cores
+    assert stage.evaluation_threads(p, str(path), models=2) == share + 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert stage.evaluation_threads(p, str(path), models=2) == share
+    assert stage.evaluation_threads(p, str(path), models=1) == torch.get_num_threads()

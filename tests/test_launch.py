@@ -198,9 +198,15 @@ def test_buffers_on_two_processes_write_the_one_process_bytes(project):
     assert not list((two / "metrics").glob("*.tmp*")) and len(list((two / "metrics").iterdir())) == 1
 
 
-def test_baseline_on_two_processes_equals_one_process(project):
+def test_baseline_on_two_processes_equals_one_process(project, tmp_path):
     two, one = twin(project, "baseline2"), twin(project, "baseline1")
-    out2 = ok(run_stage(stage("evaluate", "--baseline", "2"), two))  # launch.baseline: 2
+    temp = tmp_path / "tmpdir"
+    temp.mkdir()
+    # launch.baseline: 2; the launch leaves nothing per run in the temp dir (torchrun's log
+    # folders did), only torch's one cache folder per user
+    out2 = ok(run_stage(stage("evaluate", "--baseline", "2"), two, TMPDIR=str(temp)))
+    left = sorted(p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_"))
+    assert not left, left
     out1 = ok(run_stage(stage("evaluate", "--baseline", "2"), one, DATM_RANKS="1"))
     assert "model 2/3" not in out2 and "model 3/3" in out2 and "model 2/3" in out1
     got, expected = (json.loads((p / "metrics" / "baseline" / "ipc_2.json").read_text())

@@ -142,6 +142,106 @@ def test_distill_removes_temps_a_killed_run_left(project):
     assert sorted(p.name for p in pa.checkpoint(1).parent.iterdir()) == [pa.checkpoint(1).name]
 
 
+KILL_WRITER = """
+import os, signal, sys
+from pathlib import Path
+import torch
+from datm import artifacts
+from datm.steps.project import write_json
+target, kind = Path(sys.argv[1]), sys.argv[2]
+def replace(src, dst):  # killed after its temp is complete, just before the rename
+    os.kill(os.getpid(), signal.SIGKILL)
+artifacts.os.replace = replace
+if kind == "json":
+    write_json(target, {"distilled": 0.75})
+else:
+    artifacts.save(target, {"x": torch.ones(2)}, "t")
+"""
+
+
+def _temps_beside(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}.*.tmp"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["json", "safetensors"])
+def test_the_next_write_removes_the_temp_of_a_writer_killed_before_its_rename(tmp_path, kind):
+    """A metrics file (no lock guards it) or an artifact: a SIGKILL at the rename leaves the
+    complete temp beside the old file; the next write of that file removes it."""
+    from datm.steps.project import write_json
+
+    target = tmp_path / "metrics" / "evaluate" / f"ipc_2.{kind}"
+    write = (lambda value: write_json(target, {"distilled": value})) if kind == "json" else (
+        lambda value: artifacts.save(target, {"x": torch.full((2,), value)}, "t"))
+    write(0.5)
+    before = target.read_bytes()
+    killed = helpers.run([sys.executable, "-c", KILL_WRITER, str(target), kind], cwd=tmp_path,
+                         env=helpers.base_env(PYTHONPATH=str(helpers.REPO)))
+    assert killed.returncode == -signal.SIGKILL, helpers.describe(killed)
+    assert target.read_bytes() == before and len(_temps_beside(target)) == 1
+
+    write(0.25)
+    assert _temps_beside(target) == []
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+    assert target.read_bytes() != before
+
+
+LIVE_WRITER = """
+import sys
+from pathlib import Path
+from datm import artifacts
+with artifacts.atomic_path(Path(sys.argv[1])) as tmp:
+    tmp.write_text("theirs")
+    print(tmp, flush=True)
+    sys.stdin.readline()  # still writing until the test says so
+"""
+
+
+@pytest.mark.slow
+def test_the_next_write_keeps_the_temp_of_a_live_writer(tmp_path):
+    """Two writers of one metrics file at once: neither removes the other's temp."""
+    from datm.steps.project import write_json
+
+    target = tmp_path / "ipc_2.json"
+    live = subprocess.Popen([sys.executable, "-c", LIVE_WRITER, str(target)], cwd=tmp_path,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=helpers.base_env(PYTHONPATH=str(helpers.REPO)))
+    try:
+        theirs = Path(live.stdout.readline().strip())
+        assert theirs.is_file(), theirs
+        write_json(target, {"mine": 1})
+        assert theirs.is_file() and json.loads(target.read_text()) == {"mine": 1}
+        live.communicate("go\n", timeout=60)
+    finally:
+        if live.poll() is None:
+            live.kill()
+            live.wait()
+    assert live.returncode == 0  # its rename found its temp
+    assert target.read_text() == "theirs" and _temps_beside(target) == []
+
+
+def test_the_next_write_keeps_temps_it_cannot_tell_dead(tmp_path):
+    """A temp of another host (its pid means nothing here), one named before pids were in the
+    names, and this live process's own: only a lock holder removes those (remove_stale_temps)."""
+    target = tmp_path / "ipc_2.json"
+    kept = [tmp_path / ".ipc_2.json.999999999-00000000-abc.tmp", tmp_path / ".ipc_2.json.x8k2_q1z.tmp",
+            _leave_temp(target)]
+    for path in kept[:2]:
+        path.write_text("half")
+    artifacts.save(target, {"x": torch.zeros(1)}, "t")
+    assert all(p.exists() for p in kept)
+    artifacts.remove_stale_temps(target)
+    assert not any(p.exists() for p in kept)
+
+
+def test_git_ignores_the_temps_beside_metrics():
+    for temp in ("metrics/evaluate/.ipc_2.json.123-0a1b2c3d-x8k2_q1z.tmp",
+                 "metrics/.buffers.json.x8k2_q1z.tmp"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", temp],
+                                 cwd=helpers.REPO)
+        assert ignored.returncode == 0, temp
+
+
 # --- 7. export --force: the old export survives a failure or a kill mid-swap ----------------
 
 def _export(out: Path, value: float, force: bool = False) -> Path:

@@ -166,3 +166,26 @@ def test_the_cli_prints_the_recipe_and_errors_in_one_line(project, tmp_path):
     assert helpers.error_lines(missing) == [helpers.error_lines(missing)[0]]
     assert helpers.error_lines(missing)[0].startswith("error:") and "is not a folder" in \
         helpers.error_lines(missing)[0]
+
+
+def test_random_bytes_for_pt_files_are_refused_in_one_line(project, tmp_path):
+    """torch.load's weights_only refusal is paragraphs of advice (one suggests running the
+    file's code): the error is one line naming the file."""
+    from datm import export
+
+    _, paths, params = project
+    folder = tmp_path / "set"
+    folder.mkdir()
+    noise = np.random.default_rng(0).bytes(300)
+    for name in ("images_best.pt", "labels_best.pt"):
+        (folder / name).write_bytes(noise)
+    with pytest.raises(sets.SetError, match="cannot read .*images_best.pt") as err:
+        pipeline.evaluate_from(params, paths, folder)
+    assert "\n" not in str(err.value) and "weights_only` set to `False`" not in str(err.value)
+    x = torch.rand(3, 1, 8, 8)
+    out = export.export(x, x, torch.zeros(3, 3), 0.1, ["a", "b", "c"], tmp_path / "pt", "pt",
+                        {"ipc": 1})
+    (out / "images.pt").write_bytes(noise)
+    with pytest.raises(export.ExportError, match="cannot read .*images.pt") as err:
+        export.read(out)
+    assert "\n" not in str(err.value)

@@ -32,11 +32,27 @@ from .project import (
 
 
 def runs(name: str, result: dict, lr: float, epochs: int, cfg: EvalConfig,
-         **extra: str) -> list[dict]:
+         **extra: object) -> list[dict]:
     """One record per trained model, for the metrics files' "runs" list."""
     return [{"set": name, "model": k, "acc": acc, "lr": lr, "epochs": epochs,
              "batch": cfg.batch, "arch": cfg.arch, **extra}
             for k, acc in enumerate(result["accs"])]
+
+
+def measured_recipe(params: Params, cfg: EvalConfig, lr: float, device: str,
+                    threads: int | None) -> dict:
+    """Everything a distilled set's number is a function of besides the set and the data: the
+    recipe `cfg` of its IPC with the lr it trains at, the network and DSA settings, where it
+    runs (the device kind and, on a CPU, the threads per process: they change the float
+    rounding, which training amplifies) and the code. evaluate@<ipc> records it beside the
+    number; an export compares it with the recipe its card states (datm/steps/export.py)."""
+    aug = params.augment
+    return {"arch": cfg.arch, "net": asdict(params.net), "lr": lr, "epochs": cfg.epochs,
+            "batch": cfg.batch, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+            "models": cfg.models, "seed": cfg.seed,
+            "augment": asdict(aug) if aug.enabled and cfg.augment else {"enabled": False},
+            "device": device, "threads": threads if device == "cpu" else None,
+            "code": provenance.code_digest(evaluate, augment, networks)}
 
 
 def baseline_path(paths: Paths, ipc: int) -> Path:
@@ -159,6 +175,8 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
     rand = stored_baseline(params, paths, md, ipc) or random_real(params, md, ipc, callback,
                                                                     group=group)
     full_acc, full_std = full_dataset(paths)
+    env = environment(md.x.device)
+    recipe = measured_recipe(params, cfg, lr, md.x.device.type, env["threads"])
     # One row per IPC in `dvc metrics show`: the accuracies as scalars, details in "runs".
     # Where lossless stands: the gap to the full set, and the share of the training set used.
     summary = {"ipc": ipc, "distilled": dist["mean"], "distilled_std": dist["std"],
@@ -167,11 +185,11 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
                "gap_to_full": None if full_acc is None else dist["mean"] - full_acc,
                "train_fraction": tensors["images"].shape[0] / md.x.shape[0],
                "matching_loss": meta["summary"]["final_loss"],
-               "env": environment(md.x.device),
-               # runs: a list, which `dvc metrics show` leaves out; set_digest says which
-               # version of the set was measured (an export's card checks it)
-               "runs": runs("distilled", dist, lr, cfg.epochs, cfg,
-                            set_digest=set_digest(tensors)) + rand["runs"]}
+               "env": env,
+               # runs: a list, which `dvc metrics show` leaves out; set_digest and recipe say
+               # which version of the set was measured and how (an export's card checks both)
+               "runs": runs("distilled", dist, lr, cfg.epochs, cfg, set_digest=set_digest(tensors),
+                            recipe=recipe) + rand["runs"]}
     if group.is_main:
         write_json(paths.evaluation(ipc), summary)
     return {**summary, "seconds": sum(dist["seconds"]) + rand["seconds"]}

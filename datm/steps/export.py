@@ -5,6 +5,7 @@ pipeline's evaluation protocol."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,9 +15,10 @@ from .. import artifacts, data, evaluate, sets
 from ..config import EvalConfig, Params, Paths
 from ..distributed import SINGLE, Group
 from ..events import Callback
-from ..export import LOSSLESS, NOT_MEASURED, ZCA_FILE, ExportError, export
+from ..export import LOSSLESS, NOT_MEASURED, ZCA_FILE, ExportError, export, recipe_differences
 from ..networks import first_conv_padding
 from ..zca import ZCA
+from .evaluate import measured_recipe
 from .project import (
     device_of,
     distilled_ipcs,
@@ -35,21 +37,26 @@ def export_ipc(params: Params, paths: Paths, ipc: int, fmt: str, out: Path, forc
     ZCA it was whitened with, and a card whose `preprocessing` and `recipe` are the pipeline's
     evaluation as `params` sets it, and whose accuracy is of exactly the exported tensors
     (evaluate@IPC's, when it measured this very set under this recipe and the format is
-    lossless; otherwise "not measured", until `datm evaluate --from` measures it)."""
+    lossless; otherwise "not measured", until `datm evaluate --from` measures it). `threads`:
+    the threads per process `datm evaluate` runs with on a CPU (default: this process's)."""
     if not paths.distilled(ipc).is_file():
         done = ", ".join(map(str, distilled_ipcs(paths))) or "none yet"
         raise ExportError(f"IPC {ipc} was not distilled (distilled IPCs: {done})")
+    device = params.torch_device().type
+    threads = (threads or torch.get_num_threads()) if device == "cpu" else None
     tensors, meta = load_distilled(paths.distilled(ipc))
     pixels = distilled_pixels(paths, tensors, meta, clip=False)
     zca = ZCA.load(paths.zca) if meta.get("zca") else ZCA()
     learned = float(tensors["lr"][0])
     recipe = _recipe(params, ipc, pixels.shape[1:], len(meta["classes"]), learned, threads)
+    # the card's recipe as evaluate@IPC records the one it measured under
+    stated = measured_recipe(params, _recipe_of(params, ipc), recipe["lr"], device, threads)
     card = {"dataset": meta.get("dataset") or params.data.name, "ipc": ipc,
             "settings": meta.get("settings"), "spec": meta.get("spec"), "git_commit": git_commit,
             "zca": meta.get("zca"), "mean": meta["mean"], "std": meta["std"],
             "iterations": meta.get("iteration"), "preprocessing": _preprocessing(paths, meta),
             "recipe": recipe, "set_digest": set_digest(tensors),
-            "accuracy": _accuracy_for_card(paths, ipc, recipe, set_digest(tensors), fmt)}
+            "accuracy": _accuracy_for_card(paths, ipc, stated, set_digest(tensors), fmt)}
     return export(tensors["images"], pixels, tensors["labels"], learned, meta["classes"], out,
                   fmt, card, force, zca)
 
@@ -103,10 +110,12 @@ def _recipe(params: Params, ipc: int, shape: torch.Size, num_classes: int,
     }
 
 
-def _accuracy_for_card(paths: Paths, ipc: int, recipe: dict, digest: str, fmt: str) -> dict:
+def _accuracy_for_card(paths: Paths, ipc: int, stated: dict, digest: str, fmt: str) -> dict:
     """The card's numbers. `distilled` is of exactly the exported tensors under the card's
     recipe, or NOT_MEASURED with the reason: evaluate@IPC's number counts only when it
-    measured this very set (its digest) under this recipe and the format keeps it bit for bit."""
+    measured this very set (its digest) under everything the card's recipe states (`stated`,
+    as steps/evaluate.measured_recipe records it: settings, lr, device, threads, code) and the
+    format keeps the set bit for bit."""
     if not paths.evaluation(ipc).is_file():
         return {"distilled": NOT_MEASURED, "measured": f"evaluate@{ipc} has not run: "
                 f"`datm evaluate --from <this folder> --record` measures this export"}
@@ -118,20 +127,28 @@ def _accuracy_for_card(paths: Paths, ipc: int, recipe: dict, digest: str, fmt: s
         std = ev.get("full_dataset_std")
         acc["full_dataset"] = f"{100 * ev['full_dataset']:.2f}" + (
             f" ± {100 * std:.2f} %" if std is not None else " %")
-    measured = {k: runs[0].get(k) for k in ("lr", "epochs", "batch", "arch")} if runs else {}
-    now = {k: recipe[k] for k in measured}
     pipeline = fmt_acc(ev["distilled"], ev["distilled_std"])
+    rerun = f"run `datm evaluate --ipc {ipc}` for numbers under this recipe"
+    recorded = runs[0].get("recipe") if runs else None
+    if not isinstance(recorded, dict) or recipe_differences({**recorded, "lr": None},
+                                                            {**stated, "lr": None}):
+        # the random real baseline trains by the same recipe (at its own lr): not this one's
+        acc["random_real"] = NOT_MEASURED
     if not runs or runs[0].get("set_digest") != digest:
         acc.update(distilled=NOT_MEASURED, note=f"evaluate@{ipc} measured another version of "
                    f"this IPC's set: run `datm evaluate --ipc {ipc}`, or `datm evaluate --from "
                    "<this folder> --record`")
-    elif measured != now:  # params changed since the evaluation: say so rather than mislead
-        acc.update(distilled=NOT_MEASURED, note=f"evaluate@{ipc} measured this set with "
-                   f"{measured} ({pipeline}); params.yaml now gives {now}: run `datm evaluate "
-                   f"--ipc {ipc}` for numbers under this recipe")
+    elif not isinstance(recorded, dict):
+        acc.update(distilled=NOT_MEASURED, note=f"evaluate@{ipc} ({pipeline}) recorded no "
+                   f"recipe to match this card's (an earlier datm): {rerun}")
+    elif differ := recipe_differences(recorded, stated):
+        # params, threads or code changed since the evaluation: say so rather than mislead
+        acc.update(distilled=NOT_MEASURED, note=f"evaluate@{ipc} measured this set ({pipeline}) "
+                   f"under another recipe than this card's: {differ}"
+                   f"; {rerun}")
     elif fmt in LOSSLESS:
         acc.update(distilled=pipeline, measured=f"by evaluate@{ipc} on exactly the tensors in "
-                   f"`inputs` (set digest {digest})")
+                   f"`inputs` (set digest {digest}) under this card's recipe")
     else:
         acc.update(distilled=NOT_MEASURED, lossless_set=pipeline,
                    measured=f"the PNGs round the set to 8 bits: evaluate@{ipc} measured the "
@@ -155,13 +172,53 @@ class FromOptions:
     lr: float | None = None
 
 
-def check_from(paths: Paths, folder: Path) -> None:
+def check_from(params: Params, paths: Paths, folder: Path, options: FromOptions = FromOptions(),
+               record: bool = False,
+               threads: Callable[[int], int | None] = lambda models: None) -> int:
     """Read the set as `evaluate_from` will, against the data's classes and image shape,
     without the data itself: a set that cannot be evaluated fails here, once, before any
-    process is launched to evaluate it."""
+    process is launched to evaluate it; so does --record of a measurement that would not be
+    under the card's recipe (`threads(models)`: the threads per process of the processes to
+    come). The number of models the set's recipe trains: the most processes it keeps busy."""
     meta = artifacts.read_meta(paths.train, data.KIND)
     shape = tuple(artifacts.load_rows(paths.train, "images", [0], data.KIND).shape[1:])
-    sets.read_set(folder, meta["classes"], shape)
+    handed = sets.read_set(folder, meta["classes"], shape)
+    ipc = handed.per_class(len(meta["classes"]))
+    models = _recipe_of(params, ipc).models
+    if record:
+        problem = _record_problem(params, handed, ipc, len(meta["classes"]), options,
+                                  threads(models))
+        if problem:
+            raise sets.SetError(f"--record {folder}: {problem}")
+    return models
+
+
+def _record_problem(params: Params, handed: sets.HandedSet, ipc: int | None, num_classes: int,
+                    options: FromOptions, threads: int | None) -> str | None:
+    """Why a measurement of `handed` would not be its card's number (--record), or None."""
+    if handed.kind != "datm export":
+        return f"a {handed.kind} has no card to record into (only a datm export has)"
+    if options.lr or (options.zca is not None and options.zca != bool(handed.card.get("zca"))):
+        return "--lr and --zca / --no-zca train under another recipe than the card's: drop them"
+    measured = _card_recipe(params, handed, ipc, num_classes, options, threads)
+    if measured is None:
+        return "its card states no recipe (an earlier datm's export): export the set again"
+    if differ := recipe_differences(measured, handed.card["recipe"]):
+        return (f"these params give another recipe than the card's ({differ}): measure with "
+                "the params it was exported with, or export it again")
+    return None
+
+
+def _card_recipe(params: Params, handed: sets.HandedSet, ipc: int | None, num_classes: int,
+                 options: FromOptions, threads: int | None) -> dict | None:
+    """The recipe `evaluate_from` trains a datm export under, in its card's terms; None where
+    no card could state it (--lr, a preprocessing other than the card's, a card without a
+    recipe, a set that is not an export)."""
+    whiten = bool(handed.card.get("zca")) if options.zca is None else options.zca
+    if handed.kind != "datm export" or not handed.card.get("recipe") or options.lr \
+            or whiten != bool(handed.card.get("zca")) or handed.lr is None or not handed.soft:
+        return None
+    return _recipe(params, ipc, handed.images.shape[1:], num_classes, handed.lr, threads)
 
 
 def evaluate_from(params: Params, paths: Paths, folder: Path, options: FromOptions = FromOptions(),
@@ -213,8 +270,12 @@ def evaluate_from(params: Params, paths: Paths, folder: Path, options: FromOptio
     result = evaluate.evaluate_set(spec, x.to(md.x.device), handed.targets.to(md.x.device), lr,
                                    cfg.epochs, cfg.models, cfg, params.augment, x_test,
                                    md.y_test, seed, callback, group=group)
+    threads = torch.get_num_threads() if md.x.device.type == "cpu" else None
+    # what --record checks against the card: the files measured and the recipe, card-shaped
     return {"folder": str(folder), "recipe": recipe, "acc_mean": result["mean"],
             "acc_std": result["std"], "accs": result["accs"],
+            "files_digest": handed.card.get("files_digest"),
+            "card_recipe": _card_recipe(params, handed, ipc, len(md.classes), options, threads),
             "seconds": sum(result["seconds"])}
 
 

@@ -92,7 +92,7 @@ GOOD = {  # a setting that re-runs the stage
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", list(BAD))
+@pytest.mark.parametrize("stage", ["baseline@2"])  # buffers': the same persist, 1 min more
 def test_dvc_repro_on_bad_params_keeps_the_finished_output(project, stage):
     output, _, bad = BAD[stage]
     before, lock = (project / output).read_bytes(), (project / "dvc.lock").read_bytes()

@@ -347,6 +347,11 @@ def _as_rank(fn: Callable[[Group], object], params: str | Path) -> int:
         group.close()
 
 
+def core_share(world: int) -> int:
+    """The threads each of `world` processes of a launch gets when OMP_NUM_THREADS is unset."""
+    return max(1, cores() // world)
+
+
 def torchrun(world: int, module: str, args: Sequence[str]) -> int:
     """`python -m module args` as `world` processes of one torchrun launch on this machine
     (`python -m stages.common`, a subprocess); its exit code.
@@ -359,7 +364,7 @@ def torchrun(world: int, module: str, args: Sequence[str]) -> int:
     # STARTER_ENV: the launch ends with this process, even with one killed by SIGKILL
     # (stages/__init__.py), and so do its ranks: none goes on to write a failed stage's outputs.
     env = dict(os.environ, **{OWN_LAUNCH_ENV: "1", STARTER_ENV: str(os.getpid())})
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // world)))
+    env.setdefault("OMP_NUM_THREADS", str(core_share(world)))
     cmd = [sys.executable, "-m", "stages.common", "--standalone", f"--nproc_per_node={world}",
            "-m", module, *args]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from datm.config import Params
-from datm.distributed import SINGLE, Group, cores, launched
+from datm.distributed import SINGLE, Group, launched
 from datm.export import LOSSLESS, record_accuracy
 from datm.steps.export import FromOptions, check_from, describe_result, evaluate_from, export_ipc
 from datm.tracking import git_commit
@@ -48,7 +48,7 @@ def evaluation_threads(p: Params, params: str, models: int) -> int | None:
     try:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
-        return max(1, cores() // world)
+        return common.core_share(world)
 
 
 def run_from(folder: str | Path, options: FromOptions = FromOptions(), record: bool = False,

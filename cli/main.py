@@ -326,6 +326,8 @@ def _check_repro(root: Path) -> None:
 
 @app.command()
 def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
+       workers: Annotated[int, typer.Option(min=1, help="server processes (one serves one "
+                                            "person; each loads MLflow)")] = 1,
        root: RootOpt = Path(".")) -> None:
     """Serve the MLflow UI on the local store, on loopback only."""
     import signal
@@ -346,14 +348,16 @@ def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
     common.console.print(f"MLflow UI for {uri} at http://127.0.0.1:{port}  (Ctrl-C stops it)")
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    # A process group of its own, so that stopping datm stops the server's workers too: a
-    # signal to datm alone would leave them listening.
     # a SQLite store's artifacts lie beside it (datm.tracking), wherever the project now is
     artifacts = artifact_root(uri)
     extra = ["--artifacts-destination", str(artifacts)] if artifacts else []
+    # MLflow's default is 4 workers: on a 2-core machine the page then takes 1.5x as long to come
+    # up (24.7 s vs 16.6 s, measured), for one reader. A process group of its own, so that
+    # stopping datm stops the server's workers too: a signal to datm alone would leave them
+    # listening.
     server = subprocess.Popen([mlflow, "ui", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", uri, *extra], env=env,
-                              start_new_session=True)
+                               "--workers", str(workers), "--backend-store-uri", uri, *extra],
+                              env=env, start_new_session=True)
     received: list[int] = []
 
     def signal_group(signum: int) -> bool:

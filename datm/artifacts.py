@@ -57,10 +57,15 @@ def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+def owner_tag() -> str:
+    """`<pid>-<host>` of this process: in a temp's name, it tells a later process whether the
+    temp's writer is dead (`writer_is_dead`)."""
+    return f"{os.getpid()}-{_host_tag()}"
+
+
 def _temp_prefix(path: Path) -> str:
-    """`.<name>.<pid>-<host>-`, to which mkstemp adds its random part and `.tmp`: the writer's
-    pid and host in the name tell the next writer whether the writer of a temp is dead."""
-    return f".{path.name}.{os.getpid()}-{_host_tag()}-"
+    """`.<name>.<pid>-<host>-`, to which mkstemp adds its random part and `.tmp`."""
+    return f".{path.name}.{owner_tag()}-"
 
 
 def _temps(target: Path) -> Iterator[tuple[Path, str]]:
@@ -76,7 +81,7 @@ def _temps(target: Path) -> Iterator[tuple[Path, str]]:
             yield temp, middle
 
 
-def _writer_is_dead(middle: str) -> bool:
+def writer_is_dead(middle: str) -> bool:
     """Whether the `<pid>-<host>-<random>` middle of a temp name names a process of this host
     that no longer runs. Other names (another host's, or those of datm before pids were in
     them) are never taken for dead: their writer may still be writing."""
@@ -105,7 +110,7 @@ def remove_dead_temps(target: str | os.PathLike) -> None:
     live writer's temp (another process writing `target` right now) is kept. Safe without a
     lock: the writer's pid is alive from its temp's creation to its rename."""
     for temp, middle in _temps(Path(target)):
-        if _writer_is_dead(middle):
+        if writer_is_dead(middle):
             _remove(temp)
 
 

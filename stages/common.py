@@ -192,8 +192,10 @@ def guarded(fn: Callable[[], object], announce: bool = True) -> int:
             raise
         message = escape(str(exc))  # e.g. gloo's "[.../pair.cc:545] ..." is not markup
         errors = os.environ.get(ERRORS_ENV)
-        if _rank and errors:  # datm's own launch prints it if rank 0 has no error of its own
-            Path(errors, f"rank{_rank}.err").write_text(str(exc))
+        if errors:  # datm's own launch prints one line for all ranks, once they have ended
+            partial = Path(errors, f".rank{_rank}.tmp")  # whole or absent if torchrun stops it
+            partial.write_text(str(exc))
+            partial.replace(partial.with_name(f"rank{_rank}.err"))
         elif _rank:  # the console of ranks other than 0 is quiet; an error must still show
             Console(stderr=True, soft_wrap=True).print(
                 f"[bold red]error:[/] rank {_rank}: {message}", highlight=False)
@@ -409,9 +411,7 @@ def _launch(argv: list[str]) -> int:
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
-    import tempfile
-
-    errors = tempfile.mkdtemp(prefix="datm-rank-errors-")
+    errors = _errors_folder()
     try:
         interrupts.release()  # a Ctrl-C held since this process started (stages/__init__.py)
         # The ranks end with this process (stages/__init__.py): torchrun starts them from
@@ -423,7 +423,7 @@ def _launch(argv: list[str]) -> int:
         torch_run.run(torch_run.parse_args(["--log-dir", os.path.join(errors, "torchrun"),
                                             *argv]))
     except ChildFailedError as exc:
-        _report_rank_errors(exc.failures, Path(errors))
+        _report_rank_errors(Path(errors))
         rank, failure = exc.get_first_failure()
         if failure.exitcode == -signal.SIGINT:  # Ctrl-C (interrupts.fatal): `torchrun` says so
             return 130
@@ -446,18 +446,31 @@ def _launch(argv: list[str]) -> int:
     return 0
 
 
-def _report_rank_errors(failures: dict, errors: Path) -> None:
-    """One error line for a launch: rank 0 printed its own; when it had none, the first other
-    rank's (a user error every rank hit, or a peer lost because rank 0 stopped, is one line)."""
-    if 0 in failures and failures[0].exitcode == 2:
-        return
-    for rank in sorted(failures):
-        saved = errors / f"rank{rank}.err"
-        if failures[rank].exitcode == 2 and saved.is_file():
-            console.print(f"[bold red]error:[/] rank {rank}: {escape(saved.read_text())}",
-                          highlight=False)
-            return
+def _errors_folder() -> str:
+    """A new folder for the error lines of this launch's ranks, named for this process; those
+    that launches killed before their clean-up (kill -9) left in the temp dir go first."""
+    import tempfile
 
+    from datm import artifacts
+
+    prefix = "datm-rank-errors-"
+    for old in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        if artifacts.writer_is_dead(old.name.removeprefix(prefix)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{prefix}{artifacts.owner_tag()}-")
+
+
+def _report_rank_errors(errors: Path) -> None:
+    """One error line for a launch: rank 0's when it saved one, else the first other rank's (a
+    user error every rank hit, or a peer lost because rank 0 stopped, is one line). The ranks
+    save their lines rather than print them: torchrun stops the others as soon as one rank
+    fails, so which of them gets to print would be a race."""
+    saved = {int(path.stem.removeprefix("rank")): path for path in errors.glob("rank*.err")}
+    if saved:
+        rank = min(saved)
+        prefix = f"rank {rank}: " if rank else ""
+        console.print(f"[bold red]error:[/] {prefix}{escape(saved[rank].read_text())}",
+                      highlight=False)
 
 if __name__ == "__main__":
     sys.exit(_launch(sys.argv[1:]))

@@ -238,6 +238,78 @@ def describe(result: subprocess.CompletedProcess) -> str:
 
 # --- a tiny project in-process (splits, ZCA and experts by the pipeline's own steps) ---------
 
+# --- the tiny pipeline's artifacts ---------------------------------------------------------
+
+# The stages `dvc repro` runs on tiny_params: its evaluate.cross_ipcs crossarch@2 (IPC 2's
+# recipe on cross_archs) and its evaluate.decompose_ipcs decompose@1.
+TINY_STAGES = {"download", "zca", "buffers", "baseline@1", "baseline@2", "distill@1",
+               "distill@2", "evaluate@1", "evaluate@2", "crossarch@2", "decompose@1", "summary"}
+
+
+def iterations(params: dict, ipc: int) -> int:
+    """The iterations params.yaml asks of `ipc` (its own table first, then the defaults); the
+    table's key may be the number or its string, as DVC's `-S` writes it."""
+    tables = params["distill"]["ipc"]
+    table = tables.get(ipc, tables.get(str(ipc), {}))
+    return table.get("iterations", params["distill"]["defaults"]["iterations"])
+
+
+def check_every_artifact(root: Path, ran: set[str], name: str, shape: tuple[int, int, int],
+                         n_train: int, n_test: int) -> None:
+    """What a first `dvc repro` of tiny_params(name) with 2 experts must have written, read
+    back: stages, shapes, the ZCA flag, iterations, metrics and the report."""
+    import json
+
+    from datm import artifacts, data
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert ran == TINY_STAGES, ran
+    for rel in ("data/train.safetensors", "data/test.safetensors", "artifacts/zca.safetensors",
+                "artifacts/buffers/expert_000.safetensors",
+                "artifacts/buffers/expert_001.safetensors",
+                "artifacts/distilled/ipc_1.safetensors", "artifacts/distilled/ipc_2.safetensors",
+                "metrics/evaluate/ipc_1.json", "metrics/evaluate/ipc_2.json",
+                "metrics/buffers.json", "metrics/crossarch/ipc_2.json",
+                "metrics/decompose/ipc_1.json",
+                "reports/summary.md", "reports/accuracy_vs_ipc.png", "reports/grid_ipc_1.png",
+                "metrics/plots/accuracy.csv", "dvc.lock"):
+        assert (root / rel).is_file(), rel
+
+    train = data.Split.load(root / "data/train.safetensors")
+    test = data.Split.load(root / "data/test.safetensors")
+    assert train.images.shape == (n_train, *shape)
+    assert test.images.shape == (n_test, *shape)
+    assert train.num_classes == 10 and train.source == name  # a name, never a path
+    assert artifacts.read_meta(root / "artifacts/zca.safetensors", "zca")["enabled"] is (
+        params["zca"]["enabled"])
+
+    experts = sorted((root / "artifacts/buffers").glob("expert_*.safetensors"))
+    assert len(experts) == 2
+    traj = artifacts.load(experts[0], "expert")[0]["trajectory"]
+    assert traj.shape[0] == params["buffers"]["epochs"] + 1
+
+    for ipc in (1, 2):
+        tensors, meta = artifacts.load(root / f"artifacts/distilled/ipc_{ipc}.safetensors",
+                                       "distilled")
+        assert tensors["images"].shape == (10 * ipc, *shape)
+        assert tensors["labels"].shape == (10 * ipc, 10)
+        want = iterations(params, ipc)
+        assert meta["iteration"] == want and tensors["history"].shape[0] == want
+        ev = json.loads((root / f"metrics/evaluate/ipc_{ipc}.json").read_text())
+        assert ev["ipc"] == ipc and 0 <= ev["distilled"] <= 1 and 0 <= ev["random_real"] <= 1
+        assert ev["full_dataset"] is not None
+        assert [r["set"] for r in ev["runs"]] == ["distilled", "random real"]
+        assert {r["batch"] for r in ev["runs"]} == {params["evaluate"]["batch"]}
+    full = json.loads((root / "metrics/buffers.json").read_text())  # the experts: the full set
+    assert full["full_dataset"] == sum(r["acc"] for r in full["runs"]) / 2 == ev["full_dataset"]
+
+    report = (root / "reports/summary.md").read_text()
+    assert re.search(r"^\| 1 \|", report, flags=re.M) and re.search(r"^\| 2 \|", report,
+                                                                     flags=re.M)
+    for png in ("accuracy_vs_ipc.png", "grid_ipc_1.png", "grid_ipc_2.png"):
+        assert (root / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def write_learnable_splits(paths, n_train: int = 60, n_test: int = 60, lo: int = 0,
                            hi: int = 255, seed: int = 0, classes: tuple[str, ...] = ("a", "b", "c"),
                            channels: int = 1, size: int = 8) -> None:

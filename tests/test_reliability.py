@@ -537,8 +537,10 @@ def test_ui_on_a_busy_port_fails_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_ui_stops_the_server_and_its_workers(tmp_path):
+    """Two workers (one is the default): the processes a signal to datm alone would leave."""
     port = _free_port()
-    ui = subprocess.Popen([helpers.DATM, "ui", "--port", str(port), "--root", str(tmp_path)],
+    ui = subprocess.Popen([helpers.DATM, "ui", "--port", str(port), "--workers", "2",
+                           "--root", str(tmp_path)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
                           env=helpers.base_env())
     below: set[int] = set()

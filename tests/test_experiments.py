@@ -452,6 +452,9 @@ def test_the_report_the_plots_and_mlflow_carry_exactly_the_metrics_files_numbers
 
 @pytest.mark.slow
 def test_exp_run_sets_one_ipcs_iterations_without_rerunning_its_baseline(project):
+    """A change to one IPC's settings re-runs that IPC's stages and the summary, nothing else
+    (`dvc exp run -S` edits params.yaml and runs `dvc repro`; which stage each setting reaches
+    without running: tests/test_pipeline.py)."""
     from datm import artifacts
 
     result = project.dvc("exp", "run", "-S", "distill.ipc.2.iterations=5", "-n", "more-iters")

@@ -217,6 +217,8 @@ def test_buffers_on_two_processes_write_the_one_process_bytes(project):
 
 
 def test_baseline_on_two_processes_equals_one_process(project, tmp_path):
+    """`datm baseline` with launch.baseline 2 runs the stage module as 2 processes (model k on
+    process k % 2), and they write what one process writes."""
     two, one = twin(project, "baseline2"), twin(project, "baseline1")
     temp = tmp_path / "tmpdir"
     temp.mkdir()
@@ -231,7 +233,8 @@ def test_baseline_on_two_processes_equals_one_process(project, tmp_path):
         (folder / "torchrun").mkdir(parents=True)
     # launch.baseline: 2; the launch leaves nothing per run in the temp dir (torchrun's log
     # folders did), only torch's one cache folder per user, and clears what killed ones left
-    out2 = ok(run_stage(stage("evaluate", "--baseline", "2"), two, TMPDIR=str(temp)))
+    out2 = ok(helpers.datm("baseline", "--ipc", "2", cwd=two,
+                           env=helpers.stage_env(TMPDIR=str(temp)), timeout=TIMEOUT))
     left = sorted(p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_"))
     assert left == [live.name], left
     out1 = ok(run_stage(stage("evaluate", "--baseline", "2"), one, DATM_RANKS="1"))
@@ -349,17 +352,3 @@ def test_ctrl_c_stops_two_processes_with_130_and_one_line(tmp_path):
     lines = [line for line in text.splitlines() if "interrupted" in line]
     assert len(lines) == 1 and "again to resume" in lines[0], text
     assert not workers(proc)
-
-
-@pytest.mark.slow
-def test_datm_commands_run_their_launch_count_under_torchrun(project):
-    """`datm baseline` with launch.baseline 2 runs the stage module as 2 processes."""
-    two, one = twin(project, "cli2"), twin(project, "cli1")
-    out2 = ok(helpers.datm("baseline", "--ipc", "1", cwd=two, env=helpers.stage_env(),
-                           timeout=TIMEOUT))
-    out1 = ok(helpers.datm("baseline", "--ipc", "1", cwd=one,
-                           env=helpers.stage_env(DATM_RANKS="1"), timeout=TIMEOUT))
-    assert "model 2/3" not in out2 and "model 2/3" in out1
-    got, expected = (yaml.safe_load((p / "metrics" / "baseline" / "ipc_1.json").read_text())
-                     for p in (two, one))
-    assert got == expected

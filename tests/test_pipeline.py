@@ -225,23 +225,6 @@ def test_dvc_status_sees_exactly_the_changed_stage(e2e):
 
 
 @pytest.mark.slow
-def test_changing_one_ipc_reruns_only_that_ipc(e2e):
-    params = e2e.params()
-    params["distill"]["ipc"][2]["iterations"] = 4
-    e2e.set_params(params)
-    result = e2e.repro()
-    assert result.returncode == 0, describe(result)
-    assert ran_stages(result.stdout) == {"distill@2", "evaluate@2", "crossarch@2", "summary"}, \
-        result.stdout
-    from datm import artifacts
-
-    meta = artifacts.read_meta(e2e.root / "artifacts/distilled/ipc_2.safetensors", "distilled")
-    assert meta["iteration"] == 4
-    assert artifacts.read_meta(e2e.root / "artifacts/distilled/ipc_1.safetensors",
-                               "distilled")["iteration"] == 3
-
-
-@pytest.mark.slow
 def test_changing_buffers_lr_reruns_buffers_and_what_follows(e2e):
     from datm import artifacts
 

@@ -196,27 +196,31 @@ def check_from(params: Params, paths: Paths, folder: Path, options: FromOptions 
 def _record_problem(params: Params, handed: sets.HandedSet, ipc: int | None, num_classes: int,
                     options: FromOptions, threads: int | None) -> str | None:
     """Why a measurement of `handed` would not be its card's number (--record), or None."""
-    if handed.kind != "datm export":
-        return f"a {handed.kind} has no card to record into (only a datm export has)"
-    if options.lr or (options.zca is not None and options.zca != bool(handed.card.get("zca"))):
-        return "--lr and --zca / --no-zca train under another recipe than the card's: drop them"
+    if why := _no_card_recipe(handed, options):
+        return why
     measured = _card_recipe(params, handed, ipc, num_classes, options, threads)
-    if measured is None:
-        return "its card states no recipe (an earlier datm's export): export the set again"
     if differ := recipe_differences(measured, handed.card["recipe"]):
         return (f"these params give another recipe than the card's ({differ}): measure with "
                 "the params it was exported with, or export it again")
     return None
 
 
+def _no_card_recipe(handed: sets.HandedSet, options: FromOptions) -> str | None:
+    """Why no card states the recipe `evaluate_from` trains `handed` under, or None."""
+    if handed.kind != "datm export":
+        return f"a {handed.kind} has no card to record into (only a datm export has)"
+    if options.lr or (options.zca is not None and options.zca != bool(handed.card.get("zca"))):
+        return "--lr and --zca / --no-zca train under another recipe than the card's: drop them"
+    if not handed.card.get("recipe") or handed.lr is None or not handed.soft:
+        return "its card states no recipe (an earlier datm's export): export the set again"
+    return None
+
+
 def _card_recipe(params: Params, handed: sets.HandedSet, ipc: int | None, num_classes: int,
                  options: FromOptions, threads: int | None) -> dict | None:
     """The recipe `evaluate_from` trains a datm export under, in its card's terms; None where
-    no card could state it (--lr, a preprocessing other than the card's, a card without a
-    recipe, a set that is not an export)."""
-    whiten = bool(handed.card.get("zca")) if options.zca is None else options.zca
-    if handed.kind != "datm export" or not handed.card.get("recipe") or options.lr \
-            or whiten != bool(handed.card.get("zca")) or handed.lr is None or not handed.soft:
+    no card states it (`_no_card_recipe`)."""
+    if _no_card_recipe(handed, options):
         return None
     return _recipe(params, ipc, handed.images.shape[1:], num_classes, handed.lr, threads)
 

@@ -167,11 +167,11 @@ def interrupt_at(args: list[str], cwd: Path, log: Path, delay: float) -> tuple[i
     return code, log.read_text()
 
 
-def assert_one_interrupted_line(code: int, log: str) -> None:
-    assert code == 130, log
-    assert "Traceback" not in log and "error:" not in log, log
+def assert_one_interrupted_line(code: int, log: str, when: str = "") -> None:
+    assert code == 130, f"{when}{log}"
+    assert "Traceback" not in log and "error:" not in log, f"{when}{log}"
     lines = [line for line in log.splitlines() if "interrupted" in line]
-    assert len(lines) == 1 and lines[0].startswith("interrupted:"), log
+    assert len(lines) == 1 and lines[0].startswith("interrupted:"), f"{when}{log}"
 
 
 @pytest.mark.slow
@@ -200,7 +200,7 @@ def test_a_ctrl_c_at_any_moment_of_a_two_process_distill_is_130_and_one_line(tmp
         began = time.monotonic()
         code, log = interrupt_at([helpers.DATM, "distill", "--ipc", "2"], tmp_path / "project",
                                  tmp_path / f"run_{delay}.log", delay)
-        assert_one_interrupted_line(code, log)
+        assert_one_interrupted_line(code, log, when=f"SIGINT {delay} s after the start:\n")
         assert time.monotonic() - began < delay + 20, f"slow to stop after {delay} s:\n{log}"
         assert not paths.distilled(2).exists()
 

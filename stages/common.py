@@ -41,7 +41,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from datm import interrupts
+from datm import artifacts, interrupts
 from datm.config import Params, Paths, load_params
 from datm.distributed import (
     DEFAULT_TIMEOUT_S,
@@ -193,9 +193,9 @@ def guarded(fn: Callable[[], object], announce: bool = True) -> int:
         message = escape(str(exc))  # e.g. gloo's "[.../pair.cc:545] ..." is not markup
         errors = os.environ.get(ERRORS_ENV)
         if errors:  # datm's own launch prints one line for all ranks, once they have ended
-            partial = Path(errors, f".rank{_rank}.tmp")  # whole or absent if torchrun stops it
-            partial.write_text(str(exc))
-            partial.replace(partial.with_name(f"rank{_rank}.err"))
+            # whole or absent should torchrun stop this rank while it writes
+            with artifacts.atomic_path(Path(errors, f"rank{_rank}.err")) as partial:
+                partial.write_text(str(exc))
         elif _rank:  # the console of ranks other than 0 is quiet; an error must still show
             Console(stderr=True, soft_wrap=True).print(
                 f"[bold red]error:[/] rank {_rank}: {message}", highlight=False)
@@ -451,8 +451,6 @@ def _errors_folder() -> str:
     that launches killed before their clean-up (kill -9) left in the temp dir go first."""
     import tempfile
 
-    from datm import artifacts
-
     prefix = "datm-rank-errors-"
     for old in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
         if artifacts.writer_is_dead(old.name.removeprefix(prefix)):
@@ -471,6 +469,7 @@ def _report_rank_errors(errors: Path) -> None:
         prefix = f"rank {rank}: " if rank else ""
         console.print(f"[bold red]error:[/] {prefix}{escape(saved[rank].read_text())}",
                       highlight=False)
+
 
 if __name__ == "__main__":
     sys.exit(_launch(sys.argv[1:]))

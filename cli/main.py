@@ -14,8 +14,23 @@ import typer
 
 from stages import common
 
+
+class _Commands(typer.core.TyperGroup):
+    """datm's commands. A Ctrl-C that no guarded step takes (one while a command imports its
+    stage, or before a launch has taken the signal over) ends as `common.guarded` ends one:
+    one line and exit 130, where Typer alone would exit 130 without a word."""
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            common.console.print(common.INTERRUPTED)
+            raise typer.Exit(130) from None
+
+
 app = typer.Typer(help="Dataset distillation by difficulty-aligned trajectory matching (DATM).",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  cls=_Commands, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 RootOpt = Annotated[Path, typer.Option("--root", help="project root (data/, artifacts/)")]
@@ -306,7 +321,12 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
     common.console.print(f"[dim]$ {' '.join(cmd)}[/]")
     # dvc.yaml runs `python -m stages...`: make that the python datm runs in (the venv's).
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    raise typer.Exit(subprocess.call(cmd, cwd=root, env=env))
+    # datm becomes DVC: a Ctrl-C reaches DVC and its stage once, as without datm (waiting in a
+    # child, datm would kill DVC on its own KeyboardInterrupt), and DVC's exit code is datm's.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.chdir(root)
+    os.execve(dvc, cmd, env)
 
 
 def _check_repro(root: Path) -> None:

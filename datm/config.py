@@ -23,7 +23,7 @@ from .errors import UserError
 # The choices each setting allows; the modules that act on them import them from here.
 FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "imagefolder")
-INITS = ("real_correct", "real", "noise")
+INITS = ("real_correct", "real_hard", "real", "noise")
 LABELS = ("expert", "hard")
 ARCHS = ("convnet", "convnet_bn", "resnet18")
 NORMS = ("instance", "batch", "none")

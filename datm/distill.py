@@ -361,10 +361,14 @@ def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: tor
       over to the next one (a seeded order, restarted for every class). Only when no expert
       finds ipc does the class fall back: the correct images of the expert that found most,
       then other images of the class; the report marks that class `fallback`.
+    - real_hard: per class, the images that every expert classifies correctly with the
+      highest mean loss (the hardest the experts get right); where fewer are right for all,
+      images right for the most experts follow and the report marks the class `fallback`.
+      datm's, not the reference's: difficulty-aligned, for large IPC (docs/METHOD.md).
     - real: random images of each class. Their soft labels are the logits of ONE expert
       (a seeded choice), as the reference's CIFAR-100 IPC 50 config (`pix_init: real`) does.
     - noise: Gaussian images with hard labels (nothing for experts to judge).
-    Soft labels of real_correct: per image, the mean logits of the experts that classify it
+    Soft labels of real_correct and real_hard: per image, the mean logits of the experts that classify it
     correctly (`expert_logits`). `chunk` bounds how many images go through a network at once.
     """
     num_classes = buffer.spec.num_classes
@@ -392,7 +396,11 @@ def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: tor
         if cfg.init == "real":
             chosen.append(order[: cfg.ipc])
             continue
-        picked, record = _correct_images(fm, theta, experts, x, order, c, cfg.ipc, chunk)
+        if cfg.init == "real_hard":
+            picked, record = _hardest_correct(fm, [theta(k) for k in range(len(buffer))], x,
+                                              order, c, cfg.ipc, chunk)
+        else:
+            picked, record = _correct_images(fm, theta, experts, x, order, c, cfg.ipc, chunk)
         chosen.append(picked)
         classes.append(record)
     index = torch.cat(chosen)
@@ -448,6 +456,25 @@ def _correct_images(fm: FlatModel, theta: Callable[[int], torch.Tensor], experts
     picked = torch.cat([best, rest])[:ipc]
     return picked, {"class": c, "expert": best_k, "tried": tried, "found": len(best),
                     "scanned": len(order), "fallback": True}
+
+
+def _hardest_correct(fm: FlatModel, thetas: list[torch.Tensor], x: torch.Tensor,
+                     order: torch.Tensor, c: int, ipc: int, chunk: int) -> tuple[torch.Tensor, dict]:
+    """The `ipc` images of class `c` (indices into x) that every expert classifies correctly
+    with the highest mean loss; where fewer are right for all, those right for the most experts
+    follow. Ties keep the seeded `order`."""
+    images = x[order]
+    target = torch.full((len(order),), c, device=x.device)
+    wrong = torch.zeros(len(order), device=x.device)
+    loss = torch.zeros(len(order), device=x.device)
+    for theta in thetas:
+        logits = _logits(fm, theta, images, chunk)
+        wrong += (logits.argmax(1) != c).float()
+        loss += torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    by_loss = torch.sort(loss, descending=True, stable=True).indices
+    ranked = by_loss[torch.sort(wrong[by_loss], stable=True).indices]
+    all_right = int((wrong == 0).sum())
+    return order[ranked[:ipc]], {"class": c, "all_right": all_right, "fallback": all_right < ipc}
 
 
 def _logits(fm: FlatModel, theta: torch.Tensor, x: torch.Tensor, chunk: int = INIT_CHUNK

@@ -261,6 +261,71 @@ def _class_of_real_image(x: torch.Tensor, y: torch.Tensor, img: torch.Tensor) ->
     return int(match[0]), int(y[match[0]])
 
 
+def _judged_by_hand(buffer, x: torch.Tensor, c: int,
+                    epoch: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image of x (all of class c): how many experts get it wrong at `epoch` (-1: the
+    last), and their mean cross-entropy loss on it, one expert and one image at a time."""
+    fm = FlatModel(buffer.spec)
+    wrong, loss = torch.zeros(len(x)), torch.zeros(len(x))
+    with torch.no_grad():
+        for k in range(len(buffer)):
+            theta = buffer.epochs_of(k, [buffer.epochs if epoch < 0 else epoch])[0]
+            for i in range(len(x)):
+                logits = fm(theta, x[i:i + 1])[0]
+                wrong[i] += float(logits.argmax() != c)
+                loss[i] += float(-logits.log_softmax(0)[c]) / len(buffer)
+    return wrong, loss
+
+
+def test_real_hard_takes_the_hardest_images_every_expert_gets_right(tiny_buffer, tiny_data):
+    """init: real_hard (docs/METHOD.md, "Initialization and soft labels"): per class, the
+    images all experts classify correctly with the highest mean loss; DATM's soft labels.
+    Judged at epoch 2, where the tiny experts' highest losses in classes 0 and 1 are on images
+    one of them gets wrong: a choice by loss alone would take those."""
+    x, y, _, _ = tiny_data
+    cfg = DistillConfig(ipc=3, init="real_hard", max_start_epoch=2, label_epoch=2)
+    images, labels, report = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
+    assert report["fallback_classes"] == []
+    classes = torch.arange(3).repeat_interleave(3)
+    hardest_wrong, left_out = 0, 0
+    for c in range(3):
+        idx = torch.nonzero(y == c).flatten()
+        wrong, loss = _judged_by_hand(tiny_buffer, x[idx], c, epoch=2)
+        picked = [_class_of_real_image(x, y, img)[0] for img in images[c * 3:(c + 1) * 3]]
+        mine = torch.isin(idx, torch.tensor(picked))
+        assert (wrong[mine] == 0).all(), "an image some expert gets wrong"
+        others = (~mine) & (wrong == 0)
+        if others.any():
+            assert loss[mine].min() >= loss[others].max() - 1e-6, (c, loss[mine], loss[others])
+            left_out += 1
+        assert report["classes"][c]["all_right"] == int((wrong == 0).sum())
+        hardest_wrong += int(wrong[loss.argmax()] > 0)
+    assert hardest_wrong and left_out, "the tiny experts no longer make this a check"
+    torch.testing.assert_close(labels, _expert_logits_at(tiny_buffer, 2, images, classes),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_real_hard_falls_back_to_the_images_most_experts_get_right(tmp_path, tiny_buffer,
+                                                                    tiny_data):
+    """Expert 0 always answers class 0 and expert 1 class 1: no image of class 2 is right
+    for all three experts. Class 2 then takes the images expert 2 gets right, hardest first,
+    and the report says so."""
+    x, y, _, _ = tiny_data
+    buffer = _constant_experts(tmp_path, tiny_buffer, {0: 0, 1: 1})
+    cfg = DistillConfig(ipc=3, init="real_hard", max_start_epoch=3)
+    images, _, report = initialize(cfg, buffer, x, y, torch.Generator().manual_seed(0))
+    assert report["fallback_classes"] == [0, 1, 2]
+    idx = torch.nonzero(y == 2).flatten()
+    wrong, loss = _judged_by_hand(buffer, x[idx], 2)
+    assert int(wrong.min()) == 2  # the two constant experts are wrong on every class 2 image
+    picked = [_class_of_real_image(x, y, img)[0] for img in images[6:9]]
+    mine = torch.isin(idx, torch.tensor(picked))
+    right_for_expert_2 = wrong == 2
+    assert right_for_expert_2.sum() > 3, "the check needs more candidates than picks"
+    assert right_for_expert_2[mine].all()
+    assert loss[mine].min() >= loss[right_for_expert_2 & ~mine].max() - 1e-6
+
+
 def test_soft_labels_are_the_final_epoch_experts_that_are_right(tiny_buffer, tiny_data):
     """docs/METHOD.md, "Initialization and soft labels": label_epoch -1 is the experts' last epoch,
     whatever T+ is; the labels are the mean logits of the experts right on each image."""

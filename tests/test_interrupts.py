@@ -204,3 +204,20 @@ def test_a_ctrl_c_at_any_moment_of_a_two_process_distill_is_130_and_one_line(tmp
         assert time.monotonic() - began < delay + 20, f"slow to stop after {delay} s:\n{log}"
         assert not paths.distilled(2).exists()
 
+
+
+def test_a_ctrl_c_between_a_commands_guarded_steps_is_130_and_one_line(monkeypatch):
+    """A Ctrl-C that leaves a command (one while it imports its stage, or before a launch has
+    taken the signal over) ends as a guarded step ends one. Typer alone turns it into exit
+    130 without a word: a user could not tell an interrupt from any other silent end."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from stages import distill
+
+    def interrupted(*_args, **_kwargs) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "start", interrupted)
+    result = CliRunner().invoke(app, ["distill", "--ipc", "2"])
+    assert_one_interrupted_line(result.exit_code, result.output)

@@ -16,6 +16,13 @@ DISTILL = {
     50: ("auto", 20, 1, 100, 100, 2, 150),
     1000: ("auto", 10, 1, 200, 50, 10, 20),
 }
+# IPC: (init, labels, learn_labels, label_epoch)
+INIT = {
+    1: ("real_correct", "expert", True, -1),
+    10: ("real_correct", "expert", True, -1),
+    50: ("real_correct", "expert", True, -1),
+    1000: ("real_hard", "hard", False, -1),
+}
 # IPC: (models, epochs, batch, lr (0: learned x lr_scale), lr_scale)
 EVALUATE = {
     1: (2, 300, 25, 0.0, 0.2),
@@ -44,7 +51,7 @@ def test_each_ipcs_distillation(profile, ipc):
     d = profile.distill(ipc)
     got = (d.window, d.syn_steps, d.expert_epochs, d.batch_syn, d.lr_img, d.lr_y, d.iterations)
     assert got == DISTILL[ipc]
-    assert (d.init, d.labels, d.learn_labels, d.label_epoch) == ("real_correct", "expert", True, -1)
+    assert (d.init, d.labels, d.learn_labels, d.label_epoch) == INIT[ipc]
 
 
 @pytest.mark.parametrize("ipc", sorted(EVALUATE))

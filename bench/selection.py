@@ -1,0 +1,117 @@
+"""Which real images make the best large set: per class, the same number of training images
+chosen by the experts' difficulty (their mean cross-entropy at the final epoch), each set
+trained with the evaluation recipe of that IPC (one network, seed 0 unless --seed) and tested.
+
+A finished project's data, ZCA and experts are read, nothing is written there. The table of
+bench/RESULTS.md ("IPC 1000 from the hardest images the experts get right") came from this.
+Run: `python -m bench.selection PROJECT [--ipc 1000] [--epochs 20] [--soft] [--sets ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import table
+from datm import artifacts, evaluate
+from datm.config import AugConfig, EvalConfig
+from datm.distill import INIT_CHUNK, expert_logits
+from datm.experts import ExpertBuffer
+from datm.networks import FlatModel
+from datm.zca import ZCA
+
+
+def judged(fm: FlatModel, thetas: list[torch.Tensor], x: torch.Tensor,
+           y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: the experts' mean cross-entropy, and how many of them get it wrong."""
+    loss, wrong = torch.zeros(len(x)), torch.zeros(len(x))
+    with torch.no_grad():
+        for theta in thetas:
+            out = torch.cat([fm(theta, x[s:s + INIT_CHUNK]) for s in range(0, len(x), INIT_CHUNK)])
+            loss += F.cross_entropy(out, y, reduction="none") / len(thetas)
+            wrong += (out.argmax(1) != y).float()
+    return loss, wrong
+
+
+def choosers(loss: torch.Tensor, wrong: torch.Tensor, ipc: int) -> dict[str, Callable]:
+    """name -> function(indices of one class) -> the `ipc` chosen among them."""
+    def drawn(seed: int) -> Callable:
+        gen = torch.Generator().manual_seed(seed)
+        return lambda idx: idx[torch.randperm(len(idx), generator=gen)[:ipc]]
+
+    def hardest_right(idx: torch.Tensor) -> torch.Tensor:
+        right = idx[wrong[idx] == 0]
+        return right[loss[right].argsort(descending=True)[:ipc]]
+
+    def coverage(idx: torch.Tensor, beta: float = 0.1, bins: int = 50) -> torch.Tensor:
+        """Coverage-centric: the hardest beta dropped, the budget spread evenly over bins of
+        equal loss width (a bin with fewer images gives its share to the others)."""
+        kept = idx[loss[idx].argsort()][: int(len(idx) * (1 - beta))]
+        edges = torch.linspace(float(loss[kept].min()), float(loss[kept].max()) + 1e-9, bins + 1)
+        which = torch.bucketize(loss[kept], edges[1:-1])
+        groups = sorted((g for g in (kept[which == b] for b in range(bins)) if len(g)), key=len)
+        gen, chosen, budget = torch.Generator().manual_seed(1), [], ipc
+        for i, group in enumerate(groups):
+            take = min(len(group), budget // (len(groups) - i))
+            budget -= take
+            chosen.append(group[torch.randperm(len(group), generator=gen)[:take]])
+        return torch.cat(chosen)
+
+    def without_hardest_tenth(idx: torch.Tensor) -> torch.Tensor:
+        return drawn(13)(idx[loss[idx].argsort()][: int(len(idx) * 0.9)])
+
+    return {
+        "random_a": drawn(11),
+        "random_b": drawn(12),
+        "easiest": lambda idx: idx[loss[idx].argsort()[:ipc]],
+        "random_without_hardest_10pct": without_hardest_tenth,
+        "coverage": coverage,
+        "hardest_all_right": hardest_right,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("project", type=Path)
+    ap.add_argument("--ipc", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--soft", action="store_true", help="the experts' soft labels, not hard")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (they change rounding)")
+    ap.add_argument("--sets", nargs="*", help="names of the sets (default: all)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    root = args.project
+    train, _ = artifacts.load(root / "data" / "train.safetensors")
+    test, _ = artifacts.load(root / "data" / "test.safetensors")
+    zca = ZCA.load(root / "artifacts" / "zca.safetensors")
+    x, y = zca.whiten(train["images"].float() / 255.0), train["labels"].long()
+    x_test, y_test = zca.whiten(test["images"].float() / 255.0), test["labels"].long()
+    buffer = ExpertBuffer.open(root / "artifacts" / "buffers")
+    fm = FlatModel(buffer.spec).train(True)
+    thetas = [buffer.epochs_of(k, [buffer.epochs])[0] for k in range(len(buffer))]
+    loss, wrong = judged(fm, thetas, x, y)
+    sets = choosers(loss, wrong, args.ipc)
+    cfg = EvalConfig(models=1, epochs=args.epochs, batch=args.batch, lr=args.lr)
+    rows = []
+    for name in args.sets or list(sets):
+        idx = torch.cat([sets[name](torch.nonzero(y == c).flatten())
+                         for c in range(buffer.spec.num_classes)])
+        targets = expert_logits(fm, thetas, x[idx], y[idx]) if args.soft else y[idx]
+        tic = time.perf_counter()
+        acc = evaluate.train_and_test(buffer.spec, x[idx], targets, args.lr, args.epochs, cfg,
+                                      AugConfig(), x_test, y_test, args.seed)
+        rows.append([name, f"{100 * acc:.2f}", f"{float(loss[idx].mean()):.3f}",
+                     int((wrong[idx] > 0).sum()), f"{time.perf_counter() - tic:.0f}"])
+    print(table(["set", "test %", "mean expert loss", "wrong for some expert", "s"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import table
-from datm import artifacts, evaluate
+from datm import data, evaluate
 from datm.config import AugConfig, EvalConfig
 from datm.distill import INIT_CHUNK, expert_logits
 from datm.experts import ExpertBuffer
@@ -89,11 +89,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = args.project
-    train, _ = artifacts.load(root / "data" / "train.safetensors")
-    test, _ = artifacts.load(root / "data" / "test.safetensors")
+    train, test = (data.Split.load(root / "data" / f"{name}.safetensors")
+                   for name in ("train", "test"))
     zca = ZCA.load(root / "artifacts" / "zca.safetensors")
-    x, y = zca.whiten(train["images"].float() / 255.0), train["labels"].long()
-    x_test, y_test = zca.whiten(test["images"].float() / 255.0), test["labels"].long()
+    x, y = data.to_model_space(train.images, train.mean, train.std, zca), train.labels.long()
+    x_test = data.to_model_space(test.images, train.mean, train.std, zca)
+    y_test = test.labels.long()
     buffer = ExpertBuffer.open(root / "artifacts" / "buffers")
     fm = FlatModel(buffer.spec).train(True)
     thetas = [buffer.epochs_of(k, [buffer.epochs])[0] for k in range(len(buffer))]

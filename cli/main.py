@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from stages import common
 
 
-class _Commands(typer.core.TyperGroup):
+class _Commands(TyperGroup):
     """datm's commands. A Ctrl-C that no guarded step takes (one while a command imports its
     stage, or before a launch has taken the signal over) ends as `common.guarded` ends one:
     one line and exit 130, where Typer alone would exit 130 without a word."""

@@ -463,14 +463,16 @@ def _hardest_correct(fm: FlatModel, thetas: list[torch.Tensor], x: torch.Tensor,
     """The `ipc` images of class `c` (indices into x) that every expert classifies correctly
     with the highest mean loss; where fewer are right for all, those right for the most experts
     follow. Ties keep the seeded `order`."""
-    images = x[order]
-    target = torch.full((len(order),), c, device=x.device)
     wrong = torch.zeros(len(order), device=x.device)
     loss = torch.zeros(len(order), device=x.device)
-    for theta in thetas:
-        logits = _logits(fm, theta, images, chunk)
-        wrong += (logits.argmax(1) != c).float()
-        loss += torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    for start in range(0, len(order), chunk):  # a class of a large image folder: chunk by chunk
+        part = slice(start, start + chunk)
+        images = x[order[part]]
+        target = torch.full((images.shape[0],), c, device=x.device)
+        for theta in thetas:
+            logits = fm(theta, images)
+            wrong[part] += (logits.argmax(1) != c).float()
+            loss[part] += torch.nn.functional.cross_entropy(logits, target, reduction="none")
     by_loss = torch.sort(loss, descending=True, stable=True).indices
     ranked = by_loss[torch.sort(wrong[by_loss], stable=True).indices]
     all_right = int((wrong == 0).sum())

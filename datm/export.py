@@ -118,7 +118,8 @@ def _export(inputs: torch.Tensor, pixels: torch.Tensor, logits: torch.Tensor, lr
             outside = float(((pixels < 0) | (pixels > 1)).float().mean())
             full_card = {**card, "format": fmt, "layout": LAYOUT, "classes": classes,
                          "num_images": pixels.shape[0], "shape": list(pixels.shape[1:]), "lr": lr,
-                         "lossless": fmt in LOSSLESS, "contents": _contents(fmt),
+                         "lossless": fmt in LOSSLESS,
+                         "contents": _contents(fmt, label_kind(card.get("settings"))),
                          "pixels": {"min": float(pixels.min()), "max": float(pixels.max()),
                                     "outside_0_1": outside}, **stored}
             _write_card(tmp, full_card)
@@ -142,7 +143,18 @@ def files_digest(tensors: dict[str, torch.Tensor]) -> str:
     return artifacts.tensor_digest(tensors)[:16]
 
 
-def _contents(fmt: str) -> dict:
+def label_kind(settings: dict | None) -> str:
+    """What an export's label logits are, from the distillation's settings (old cards, which
+    have none, held learned soft labels: the only kind then)."""
+    settings = settings or {}
+    if settings.get("labels") == "hard":
+        return "hard labels (one-hot logits: their softmax puts 1 - 1e-4 on the class)"
+    if settings.get("learn_labels", True):
+        return "learned soft labels (logits)"
+    return "the experts' soft labels (logits), not learned"
+
+
+def _contents(fmt: str, labels: str) -> dict:
     if fmt in LOSSLESS:
         return {"inputs": "the network's input tensors [N, C, H, W], exactly the set datm "
                           "trained and measured: train on these",
@@ -150,13 +162,13 @@ def _contents(fmt: str) -> dict:
                           "not clipped: values outside [0, 1] are part of the set (an image "
                           "viewer clips them); `preprocessing` turns them into `inputs` up to "
                           "float rounding",
-                "label_logits": "learned soft labels (logits); label_probs = their softmax",
+                "label_logits": f"{labels}; label_probs = their softmax",
                 "class_ids": "the class each image stands for", "lr": "the learned lr"}
     return {"png": "8-bit images, each stretched over its own pixel range: pixels = lo + "
                    "(hi - lo) * png / 255 with [lo, hi] the image's `pixel_range` "
                    f"({METADATA}, {LABELS}); then `preprocessing`. Read as plain images "
                    "(no undo) they are a contrast-stretched view, not the set",
-            "label_logits": f"learned soft labels (logits) per image, in {METADATA} and {LABELS}"}
+            "label_logits": f"{labels} per image, in {METADATA} and {LABELS}"}
 
 
 def _write_card(folder: Path, card: dict) -> None:
@@ -474,8 +486,8 @@ def card_markdown(card: dict, snippet: str | None = None) -> str:
         "",
         f"- images: {card['num_images']} ({card.get('ipc')} per class, {len(card['classes'])} "
         f"classes), shape {card['shape']}, format `{fmt}`",
-        "- labels: learned soft labels, as logits (`label_logits`) and probabilities "
-        "(`label_probs`); train with soft cross-entropy against the probabilities",
+        f"- labels: {label_kind(card.get('settings'))}, as logits (`label_logits`) and "
+        "probabilities (`label_probs`); train with soft cross-entropy against the probabilities",
         f"- learned learning rate: {card['lr']:.6g}",
     ]
     if px:

@@ -123,7 +123,7 @@ def _short_class(tiny_data, keep: int = 3):
     return x[mask], y[mask]
 
 
-@pytest.mark.parametrize("init", ["real_correct", "real"])
+@pytest.mark.parametrize("init", ["real_correct", "real_hard", "real"])
 def test_ipc_larger_than_a_class_is_refused(tiny_buffer, tiny_data, init):
     x, y = _short_class(tiny_data, keep=3)
     cfg = DistillConfig(ipc=4, init=init, max_start_epoch=2)
@@ -162,7 +162,7 @@ def _expert_logits_at(buffer, epoch: int, images: torch.Tensor, y: torch.Tensor)
     return out
 
 
-@pytest.mark.parametrize("init", ["real_correct", "real"])
+@pytest.mark.parametrize("init", ["real_correct", "real_hard", "real"])
 def test_initialize_is_class_major_real_images_with_expert_labels(tiny_buffer, tiny_data, init):
     x, y, _, _ = tiny_data
     cfg = DistillConfig(ipc=3, init=init, max_start_epoch=3)
@@ -183,7 +183,7 @@ def test_initialize_is_class_major_real_images_with_expert_labels(tiny_buffer, t
     # logits of the experts that are right, for real the logits of one (seeded) expert
     last = tiny_buffer.epochs
     assert report["label_epoch"] == last
-    if init == "real_correct":
+    if init in ("real_correct", "real_hard"):
         expected = _expert_logits_at(tiny_buffer, last, images, classes)
     else:
         theta = tiny_buffer.epochs_of(report["expert"], [last])[0]

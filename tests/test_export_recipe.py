@@ -359,3 +359,28 @@ def test_the_cards_threads_are_those_the_evaluation_runs_with(tmp_path, monkeypa
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert stage.evaluation_threads(p, str(path), models=2) == share
     assert stage.evaluation_threads(p, str(path), models=1) == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("labels, learn, words", [
+    ("hard", False, "hard labels (one-hot logits"),
+    ("expert", False, "the experts' soft labels (logits), not learned"),
+])
+def test_the_card_says_which_labels_the_set_has(made, tmp_path, labels, learn, words):
+    """The profile's IPC 1000 has hard labels: its card must not call them learned soft labels
+    (the `made` exports, distilled with learned labels, are the third case)."""
+    paths, params, exports, _ = made
+    for folder in exports.values():
+        card = card_of(folder)
+        assert card["contents"]["label_logits"].startswith("learned soft labels (logits)")
+        assert "- labels: learned soft labels (logits)," in (folder / "README.md").read_text()
+    root = tmp_path / "project"
+    shutil.copytree(paths.root, root, ignore=shutil.ignore_patterns("exports", "distilled",
+                                                                    "checkpoints", "metrics"))
+    raw = recipe_raw()
+    raw["distill"]["defaults"].update(labels=labels, learn_labels=learn)
+    mine = Params.from_dict(raw)
+    pipeline.distill(mine, Paths(root), IPC)
+    out = pipeline.export_ipc(mine, Paths(root), IPC, "safetensors", root / "export")
+    card = card_of(out)
+    assert card["contents"]["label_logits"].startswith(words)
+    assert f"- labels: {words}" in (out / "README.md").read_text()

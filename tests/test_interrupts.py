@@ -205,7 +205,6 @@ def test_a_ctrl_c_at_any_moment_of_a_two_process_distill_is_130_and_one_line(tmp
         assert not paths.distilled(2).exists()
 
 
-
 def test_a_ctrl_c_between_a_commands_guarded_steps_is_130_and_one_line(monkeypatch):
     """A Ctrl-C that leaves a command (one while it imports its stage, or before a launch has
     taken the signal over) ends as a guarded step ends one. Typer alone turns it into exit

@@ -368,8 +368,9 @@ def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: tor
     - real: random images of each class. Their soft labels are the logits of ONE expert
       (a seeded choice), as the reference's CIFAR-100 IPC 50 config (`pix_init: real`) does.
     - noise: Gaussian images with hard labels (nothing for experts to judge).
-    Soft labels of real_correct and real_hard: per image, the mean logits of the experts that classify it
-    correctly (`expert_logits`). `chunk` bounds how many images go through a network at once.
+    Soft labels of real_correct and real_hard: per image, the mean logits of the experts that
+    classify it correctly (`expert_logits`). `chunk` bounds how many images go through a
+    network at once.
     """
     num_classes = buffer.spec.num_classes
     if cfg.init == "noise":

@@ -15,27 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import table
 from datm import data, evaluate
 from datm.config import AugConfig, EvalConfig
-from datm.distill import INIT_CHUNK, expert_logits
+from datm.distill import expert_judgement, expert_logits
 from datm.experts import ExpertBuffer
 from datm.networks import FlatModel
 from datm.zca import ZCA
-
-
-def judged(fm: FlatModel, thetas: list[torch.Tensor], x: torch.Tensor,
-           y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image: the experts' mean cross-entropy, and how many of them get it wrong."""
-    loss, wrong = torch.zeros(len(x)), torch.zeros(len(x))
-    with torch.no_grad():
-        for theta in thetas:
-            out = torch.cat([fm(theta, x[s:s + INIT_CHUNK]) for s in range(0, len(x), INIT_CHUNK)])
-            loss += F.cross_entropy(out, y, reduction="none") / len(thetas)
-            wrong += (out.argmax(1) != y).float()
-    return loss, wrong
 
 
 def choosers(loss: torch.Tensor, wrong: torch.Tensor, ipc: int) -> dict[str, Callable]:
@@ -98,7 +85,8 @@ def main() -> None:
     buffer = ExpertBuffer.open(root / "artifacts" / "buffers")
     fm = FlatModel(buffer.spec).train(True)
     thetas = [buffer.epochs_of(k, [buffer.epochs])[0] for k in range(len(buffer))]
-    loss, wrong = judged(fm, thetas, x, y)
+    wrong, loss = expert_judgement(fm, thetas, x, y, torch.arange(len(x)))
+    loss = loss / len(thetas)  # the experts' mean
     sets = choosers(loss, wrong, args.ipc)
     cfg = EvalConfig(models=1, epochs=args.epochs, batch=args.batch, lr=args.lr)
     rows = []

@@ -398,7 +398,7 @@ def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: tor
             chosen.append(order[: cfg.ipc])
             continue
         if cfg.init == "real_hard":
-            picked, record = _hardest_correct(fm, [theta(k) for k in range(len(buffer))], x,
+            picked, record = _hardest_correct(fm, [theta(k) for k in range(len(buffer))], x, y,
                                               order, c, cfg.ipc, chunk)
         else:
             picked, record = _correct_images(fm, theta, experts, x, order, c, cfg.ipc, chunk)
@@ -460,24 +460,34 @@ def _correct_images(fm: FlatModel, theta: Callable[[int], torch.Tensor], experts
 
 
 def _hardest_correct(fm: FlatModel, thetas: list[torch.Tensor], x: torch.Tensor,
-                     order: torch.Tensor, c: int, ipc: int, chunk: int) -> tuple[torch.Tensor, dict]:
+                     y: torch.Tensor, order: torch.Tensor, c: int, ipc: int,
+                     chunk: int) -> tuple[torch.Tensor, dict]:
     """The `ipc` images of class `c` (indices into x) that every expert classifies correctly
     with the highest mean loss; where fewer are right for all, those right for the most experts
     follow. Ties keep the seeded `order`."""
-    wrong = torch.zeros(len(order), device=x.device)
-    loss = torch.zeros(len(order), device=x.device)
-    for start in range(0, len(order), chunk):  # a class of a large image folder: chunk by chunk
-        part = slice(start, start + chunk)
-        images = x[order[part]]
-        target = torch.full((images.shape[0],), c, device=x.device)
-        for theta in thetas:
-            logits = fm(theta, images)
-            wrong[part] += (logits.argmax(1) != c).float()
-            loss[part] += torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    wrong, loss = expert_judgement(fm, thetas, x, y, order, chunk)
     by_loss = torch.sort(loss, descending=True, stable=True).indices
     ranked = by_loss[torch.sort(wrong[by_loss], stable=True).indices]
     all_right = int((wrong == 0).sum())
     return order[ranked[:ipc]], {"class": c, "all_right": all_right, "fallback": all_right < ipc}
+
+
+@torch.no_grad()
+def expert_judgement(fm: FlatModel, thetas: Sequence[torch.Tensor], x: torch.Tensor,
+                     y: torch.Tensor, index: torch.Tensor, chunk: int = INIT_CHUNK
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image x[index]: how many of the experts get it wrong, and the sum of their
+    cross-entropy losses on it (class y[index]); chunk by chunk, for a large class or set."""
+    wrong = torch.zeros(len(index), device=x.device)
+    loss = torch.zeros(len(index), device=x.device)
+    for start in range(0, len(index), chunk):
+        part = slice(start, start + chunk)
+        images, target = x[index[part]], y[index[part]]
+        for theta in thetas:
+            logits = fm(theta, images)
+            wrong[part] += (logits.argmax(1) != target).float()
+            loss[part] += torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    return wrong, loss
 
 
 def _logits(fm: FlatModel, theta: torch.Tensor, x: torch.Tensor, chunk: int = INIT_CHUNK

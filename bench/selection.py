@@ -2,7 +2,9 @@
 chosen by the experts' difficulty (their mean cross-entropy at the final epoch), each set
 trained with the evaluation recipe of that IPC (one network, seed 0 unless --seed) and tested.
 
-A finished project's data, ZCA and experts are read, nothing is written there. The table of
+A finished project's data, ZCA and experts are read, nothing is written there. The experts
+judge the whole training set chunk by chunk in index order; `init: real_hard` judges each class
+in its seeded order: the same numbers with instance norm (the profile's), not with batch norm. The table of
 bench/RESULTS.md ("IPC 1000 from the hardest images the experts get right") came from this.
 Run: `python -m bench.selection PROJECT [--ipc 1000] [--epochs 20] [--soft] [--sets ...]`.
 """
@@ -32,6 +34,8 @@ def choosers(loss: torch.Tensor, wrong: torch.Tensor, ipc: int) -> dict[str, Cal
         return lambda idx: idx[torch.randperm(len(idx), generator=gen)[:ipc]]
 
     def hardest_right(idx: torch.Tensor) -> torch.Tensor:
+        # init real_hard without its fallback: a class with fewer all-right images gives a
+        # smaller set (none did on Fashion-MNIST's 6,000 per class; checked in main)
         right = idx[wrong[idx] == 0]
         return right[loss[right].argsort(descending=True)[:ipc]]
 
@@ -93,6 +97,8 @@ def main() -> None:
     for name in args.sets or list(sets):
         idx = torch.cat([sets[name](torch.nonzero(y == c).flatten())
                          for c in range(buffer.spec.num_classes)])
+        if len(idx) != args.ipc * buffer.spec.num_classes:
+            raise SystemExit(f"{name}: a class has fewer than {args.ipc} such images")
         targets = expert_logits(fm, thetas, x[idx], y[idx]) if args.soft else y[idx]
         tic = time.perf_counter()
         acc = evaluate.train_and_test(buffer.spec, x[idx], targets, args.lr, args.epochs, cfg,

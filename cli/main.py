@@ -304,6 +304,9 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
           force: Annotated[bool, typer.Option(help="re-run even if up to date")] = False,
           root: RootOpt = Path(".")) -> None:
     """Run the pipeline with `dvc repro` (optionally on a paper preset)."""
+    # absolute: it is exec'd after the chdir into --root
+    dvc = os.path.abspath(shutil.which("dvc") or Path(sys.executable).with_name("dvc"))
+    _run(lambda: _check_can_run(root, dvc))
     if preset:
         source = PRESETS / f"{preset}.yaml"
         if not source.is_file():
@@ -317,7 +320,6 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
         common.console.print(f"params.yaml is now preset '{preset}' "
                              "(`git checkout params.yaml` restores the default profile)")
     _run(lambda: _check_repro(root))
-    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     cmd = [dvc, "repro", *(targets or [])] + (["--force"] if force else [])
     common.console.print(f"[dim]$ {' '.join(cmd)}[/]")
     # dvc.yaml runs `python -m stages...`: make that the python datm runs in (the venv's).
@@ -330,19 +332,29 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
     os.execve(dvc, cmd, env)
 
 
+def _check_can_run(root: Path, dvc: str) -> None:
+    """What stops `datm repro` whatever params.yaml says, refused before --preset replaces it:
+    no folder, no DVC, or DATM_RANKS, which no stage accepts under DVC (stages/common.py)."""
+    from datm.errors import UserError
+
+    if not root.is_dir():
+        raise UserError(f"--root {root}: no such folder")
+    if not (os.path.isfile(dvc) and os.access(dvc, os.X_OK)):
+        raise UserError("dvc is not installed in this environment: `pip install -e "
+                        "'.[pipeline]'` (scripts/setup.sh installs it)")
+    if os.environ.get(common.RANKS_ENV, "").strip():
+        raise UserError(f"{common.RANKS_ENV} does not apply to `datm repro` (DVC runs the "
+                        f"stages): set launch.<stage> in params.yaml and unset {common.RANKS_ENV}")
+
+
 def _check_repro(root: Path) -> None:
     """What every stage would refuse, refused before DVC starts: DVC deletes a stage's outputs
     (those not `persist`) before its command runs, and would print its own lines about the
     stage's failure. So all of params.yaml and its device on this machine, as the stages load
-    them, and no DATM_RANKS, which no stage accepts under DVC (stages/common.py, processes).
-    Without a params.yaml DVC says what is missing: it resolves dvc.yaml before any stage."""
-    from datm.errors import UserError
-
+    them. Without a params.yaml DVC says what is missing: it resolves dvc.yaml before any
+    stage."""
     if (root / "params.yaml").exists():
         common.load(root / "params.yaml").torch_device()
-    if os.environ.get(common.RANKS_ENV, "").strip():
-        raise UserError(f"{common.RANKS_ENV} does not apply to `datm repro` (DVC runs the "
-                        f"stages): set launch.<stage> in params.yaml and unset {common.RANKS_ENV}")
 
 
 @app.command()

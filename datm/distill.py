@@ -155,7 +155,11 @@ class Distiller:
         """
         check_buffer(cfg, buffer)
         generator = torch.Generator().manual_seed(cfg.seed)
-        images, labels, report = initialize(cfg, buffer, x_real, y_real, generator)
+        # Judged in float32 whatever `precision` is: TF32 rounding would move the experts'
+        # margins, and real_hard picks exactly the images with the smallest ones.
+        with numerics("float32", x_real.device):
+            images, labels, report = initialize(cfg, buffer, x_real, y_real, generator,
+                                                group=group)
         lr = torch.tensor(cfg.lr_init or initial_lr(cfg, buffer), device=x_real.device)
         momenta = _Momenta(torch.zeros_like(images), torch.zeros_like(labels), torch.zeros_like(lr))
         return cls(cfg, buffer, aug, images, labels, lr, generator, momenta,
@@ -350,7 +354,7 @@ class Distiller:
 
 @torch.no_grad()
 def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: torch.Tensor,
-               generator: torch.Generator, chunk: int = INIT_CHUNK
+               generator: torch.Generator, chunk: int = INIT_CHUNK, group: Group = SINGLE
                ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Initial images [C*ipc, ...] (class-major), label logits [C*ipc, C] and a report of how.
 
@@ -370,7 +374,8 @@ def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: tor
     - noise: Gaussian images with hard labels (nothing for experts to judge).
     Soft labels of real_correct and real_hard: per image, the mean logits of the experts that
     classify it correctly (`expert_logits`). `chunk` bounds how many images go through a
-    network at once.
+    network at once. The ranks of `group` share the experts' passes over the images (real_hard,
+    soft labels) and get the same bits as one process.
     """
     num_classes = buffer.spec.num_classes
     if cfg.init == "noise":
@@ -399,7 +404,7 @@ def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: tor
             continue
         if cfg.init == "real_hard":
             picked, record = _hardest_correct(fm, [theta(k) for k in range(len(buffer))], x, y,
-                                              order, c, cfg.ipc, chunk)
+                                              order, c, cfg.ipc, chunk, group)
         else:
             picked, record = _correct_images(fm, theta, experts, x, order, c, cfg.ipc, chunk)
         chosen.append(picked)
@@ -416,17 +421,18 @@ def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: tor
     if cfg.init == "real":
         return images, _logits(fm, theta(experts[0]), images, chunk), report
     thetas = [theta(k) for k in range(len(buffer))]
-    return images, expert_logits(fm, thetas, images, y[index], chunk), report
+    return images, expert_logits(fm, thetas, images, y[index], chunk, group), report
 
 
 def expert_soft_labels(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor,
-                       y: torch.Tensor) -> torch.Tensor:
+                       y: torch.Tensor, group: Group = SINGLE) -> torch.Tensor:
     """DATM's soft labels for any real images: per image, the mean logits of the experts (at
     `label_epoch`) that classify it correctly, as a real_correct initialization gets them."""
     epoch = label_epoch(cfg, buffer)
     fm = FlatModel(buffer.spec, x.device).train(True)
     thetas = [buffer.epochs_of(k, [epoch])[0].to(x.device) for k in range(len(buffer))]
-    return expert_logits(fm, thetas, x, y)
+    with numerics("float32", x.device):
+        return expert_logits(fm, thetas, x, y, group=group)
 
 
 def _correct_images(fm: FlatModel, theta: Callable[[int], torch.Tensor], experts: list[int],
@@ -461,11 +467,11 @@ def _correct_images(fm: FlatModel, theta: Callable[[int], torch.Tensor], experts
 
 def _hardest_correct(fm: FlatModel, thetas: list[torch.Tensor], x: torch.Tensor,
                      y: torch.Tensor, order: torch.Tensor, c: int, ipc: int,
-                     chunk: int) -> tuple[torch.Tensor, dict]:
+                     chunk: int, group: Group = SINGLE) -> tuple[torch.Tensor, dict]:
     """The `ipc` images of class `c` (indices into x) that every expert classifies correctly
     with the highest mean loss; where fewer are right for all, those right for the most experts
     follow. Ties keep the seeded `order`."""
-    wrong, loss = expert_judgement(fm, thetas, x, y, order, chunk)
+    wrong, loss = expert_judgement(fm, thetas, x, y, order, chunk, group)
     by_loss = torch.sort(loss, descending=True, stable=True).indices
     ranked = by_loss[torch.sort(wrong[by_loss], stable=True).indices]
     all_right = int((wrong == 0).sum())
@@ -474,20 +480,23 @@ def _hardest_correct(fm: FlatModel, thetas: list[torch.Tensor], x: torch.Tensor,
 
 @torch.no_grad()
 def expert_judgement(fm: FlatModel, thetas: Sequence[torch.Tensor], x: torch.Tensor,
-                     y: torch.Tensor, index: torch.Tensor, chunk: int = INIT_CHUNK
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     y: torch.Tensor, index: torch.Tensor, chunk: int = INIT_CHUNK,
+                     group: Group = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image x[index]: how many of the experts get it wrong, and the sum of their
-    cross-entropy losses on it (class y[index]); chunk by chunk, for a large class or set."""
+    cross-entropy losses on it (class y[index]); chunk by chunk, for a large class or set.
+
+    Each rank of `group` judges every W-th chunk and a sum shares the rest (a value plus
+    zeros is exact): one process's bits on every rank, at 1/W of the work."""
     wrong = torch.zeros(len(index), device=x.device)
     loss = torch.zeros(len(index), device=x.device)
-    for start in range(0, len(index), chunk):
+    for start in group.shard(range(0, len(index), chunk)):
         part = slice(start, start + chunk)
         images, target = x[index[part]], y[index[part]]
         for theta in thetas:
             logits = fm(theta, images)
             wrong[part] += (logits.argmax(1) != target).float()
             loss[part] += torch.nn.functional.cross_entropy(logits, target, reduction="none")
-    return wrong, loss
+    return group.all_reduce_sum(wrong), group.all_reduce_sum(loss)
 
 
 def _logits(fm: FlatModel, theta: torch.Tensor, x: torch.Tensor, chunk: int = INIT_CHUNK
@@ -497,14 +506,16 @@ def _logits(fm: FlatModel, theta: torch.Tensor, x: torch.Tensor, chunk: int = IN
 
 @torch.no_grad()
 def expert_logits(fm: FlatModel, thetas: Sequence[torch.Tensor], x: torch.Tensor,
-                  y: torch.Tensor, chunk: int = INIT_CHUNK) -> torch.Tensor:
+                  y: torch.Tensor, chunk: int = INIT_CHUNK, group: Group = SINGLE
+                  ) -> torch.Tensor:
     """Per image, the mean logits of the experts that classify it correctly (all if none do).
 
     Sums expert by expert over chunks of images: memory stays at one chunk's [chunk, C] sums
     instead of [K, n, C] logits (100 experts x 10,000 images x 200 classes at Tiny IPC 50).
+    The ranks of `group` share the chunks as in `expert_judgement`.
     """
-    out = []
-    for s in range(0, x.shape[0], chunk):
+    out = torch.zeros(x.shape[0], fm.spec.num_classes, dtype=x.dtype, device=x.device)
+    for s in group.shard(range(0, x.shape[0], chunk)):
         xs, ys = x[s:s + chunk], y[s:s + chunk]
         every = torch.zeros(xs.shape[0], fm.spec.num_classes, device=x.device)
         right_sum = torch.zeros_like(every)
@@ -515,5 +526,6 @@ def expert_logits(fm: FlatModel, thetas: Sequence[torch.Tensor], x: torch.Tensor
             every = every + logits
             right_sum = right_sum + logits * right
             right_n = right_n + right
-        out.append(torch.where(right_n > 0, right_sum / right_n.clamp_min(1), every / len(thetas)))
-    return torch.cat(out)
+        out[s:s + chunk] = torch.where(right_n > 0, right_sum / right_n.clamp_min(1),
+                                       every / len(thetas))
+    return group.all_reduce_sum(out)

@@ -8,9 +8,10 @@ Layout of an export directory (card `layout` 2):
                       `label_probs`, `class_ids`, `lr`
   or, for png: <000_class>/<index>.png (torchvision ImageFolder layout), 8-bit, each image
                stretched over its own range: pixels = lo + (hi - lo) * png / 255 with [lo, hi]
-               its `pixel_range`; labels.safetensors (soft labels, ranges) and metadata.jsonl
-               (one row per image: file_name, soft labels, pixel_range), which makes the folder
-               a Hugging Face `imagefolder` dataset with the soft labels as columns
+               its `pixel_range`; labels.safetensors (label logits and probabilities, ranges)
+               and metadata.jsonl (one row per image: file_name, label probabilities,
+               pixel_range), which makes the folder a Hugging Face `imagefolder` dataset with
+               the labels as columns (soft or one-hot: the card's `label_logits` says which)
   zca.safetensors     the pipeline's ZCA (mean, matrix, inverse), when it whitened
   dataset_card.json   where it came from, its settings, its accuracy (of exactly these tensors,
                       or "not measured"), what a network trained on it needs: `preprocessing`
@@ -145,13 +146,15 @@ def files_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def label_kind(settings: dict | None) -> str:
     """What an export's label logits are, from the distillation's settings (old cards, which
-    have none, held learned soft labels: the only kind then)."""
+    have none, held learned soft labels: the only kind then). Labels start one-hot with
+    `labels: hard` or `init: noise`, else as the experts' logits; `learn_labels` learns either."""
     settings = settings or {}
-    if settings.get("labels") == "hard":
-        return "hard labels (one-hot logits: their softmax puts 1 - 1e-4 on the class)"
-    if settings.get("learn_labels", True):
-        return "learned soft labels (logits)"
-    return "the experts' soft labels (logits), not learned"
+    one_hot = settings.get("labels") == "hard" or settings.get("init") == "noise"
+    if not settings.get("learn_labels", True):
+        return ("hard labels (one-hot logits: their softmax puts 1 - 1e-4 on the class)"
+                if one_hot else "the experts' soft labels (logits), not learned")
+    return "learned soft labels (logits), started one-hot" if one_hot else \
+        "learned soft labels (logits)"
 
 
 def _contents(fmt: str, labels: str) -> dict:
@@ -521,7 +524,7 @@ def card_markdown(card: dict, snippet: str | None = None) -> str:
     if fmt == "png":
         lines.append("- `torchvision.datasets.ImageFolder(folder)` (one subfolder per class) or "
                      "`datasets.load_dataset(\"imagefolder\", data_dir=folder)`, whose columns "
-                     "`label_probs` / `label_logits` are the soft labels and `pixel_range` each "
+                     "`label_probs` / `label_logits` are the labels (above) and `pixel_range` each "
                      f"image's [lo, hi] (from `{METADATA}`); decode an image `png` (uint8) as "
                      "`lo + (hi - lo) * png / 255` before `preprocessing`.")
     else:

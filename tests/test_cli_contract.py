@@ -167,6 +167,35 @@ def test_an_unknown_preset_is_one_line_and_leaves_params_alone(tmp_path):
     assert (tmp_path / "params.yaml").read_bytes() == before
 
 
+def test_repro_refuses_what_stops_dvc_before_a_preset_replaces_params(tmp_path):
+    """No --root folder, DATM_RANKS set: one line, exit 2, and with --preset the params.yaml
+    left as it was (the checks run before the copy)."""
+    helpers.write_params(tmp_path, helpers.tiny_params())
+    before = (tmp_path / "params.yaml").read_bytes()
+    missing = helpers.run([DATM, "repro", "--root", str(tmp_path / "nope"), "--preset",
+                           "cifar10"], cwd=tmp_path, env=helpers.stage_env())
+    assert_one_line_error(missing, "no such folder")
+    ranks = helpers.run([DATM, "repro", "--preset", "cifar10"], cwd=tmp_path,
+                        env={**helpers.stage_env(), "DATM_RANKS": "2"})
+    assert_one_line_error(ranks, "DATM_RANKS")
+    assert (tmp_path / "params.yaml").read_bytes() == before
+
+
+def test_repro_without_dvc_installed_is_one_line(tmp_path, monkeypatch):
+    """DVC comes with the `pipeline` extra: a datm without it says so, in one line."""
+    from typer.testing import CliRunner
+
+    import cli.main
+
+    helpers.write_params(tmp_path, helpers.tiny_params())
+    monkeypatch.setattr(cli.main.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cli.main.sys, "executable", str(tmp_path / "bin" / "python"))
+    monkeypatch.delenv("DATM_RANKS", raising=False)
+    result = CliRunner().invoke(cli.main.app, ["repro", "--root", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: dvc is not installed"), lines
+
 def test_evaluate_stage_without_flags_is_one_line(tmp_path):
     helpers.write_params(tmp_path, helpers.tiny_params())
     result = helpers.run(stage("evaluate"), cwd=tmp_path, env=helpers.stage_env())

@@ -326,6 +326,29 @@ def test_real_hard_falls_back_to_the_images_most_experts_get_right(tmp_path, tin
     assert loss[mine].min() >= loss[right_for_expert_2 & ~mine].max() - 1e-6
 
 
+def test_real_hard_fills_a_class_short_of_all_right_images_hardest_first(tiny_buffer,
+                                                                         tiny_data):
+    """At epoch 2 classes 0 and 1 hold 4 and 3 images right for all three tiny experts, the
+    rest wrong for one: IPC 6 takes every all-right image, then the hardest of those one
+    expert gets wrong; class 2 (all 21 right) is no fallback."""
+    x, y, _, _ = tiny_data
+    cfg = DistillConfig(ipc=6, init="real_hard", max_start_epoch=2, label_epoch=2)
+    images, _, report = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
+    short = []
+    for c in range(3):
+        idx = torch.nonzero(y == c).flatten()
+        wrong, loss = _judged_by_hand(tiny_buffer, x[idx], c, epoch=2)
+        picked = [_class_of_real_image(x, y, img)[0] for img in images[c * 6:(c + 1) * 6]]
+        mine = torch.isin(idx, torch.tensor(picked))
+        if not 0 < int((wrong == 0).sum()) < 6:
+            continue
+        short.append(c)
+        assert mine[wrong == 0].all(), "an all-right image left out"
+        fill = mine & (wrong > 0)
+        assert (wrong[fill] == 1).all()
+        assert loss[fill].min() >= loss[~mine & (wrong == 1)].max() - 1e-6
+    assert short == report["fallback_classes"] == [0, 1], (short, report["fallback_classes"])
+
 def test_soft_labels_are_the_final_epoch_experts_that_are_right(tiny_buffer, tiny_data):
     """docs/METHOD.md, "Initialization and soft labels": label_epoch -1 is the experts' last epoch,
     whatever T+ is; the labels are the mean logits of the experts right on each image."""

@@ -12,6 +12,7 @@ Two kinds of ranks:
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import subprocess
@@ -32,7 +33,7 @@ from helpers import TINY_AUG, TINY_SPEC  # noqa: E402
 
 from datm import distributed  # noqa: E402
 from datm.config import DistillConfig, EvalConfig, ExpertConfig  # noqa: E402
-from datm.distill import Distiller, DistillError, Selection  # noqa: E402
+from datm.distill import Distiller, DistillError, Selection, initialize  # noqa: E402
 from datm.distributed import SINGLE, Group, init_from_env, shard, shard_range  # noqa: E402
 from datm.evaluate import evaluate_set  # noqa: E402
 from datm.experts import ExpertBuffer, train_experts  # noqa: E402
@@ -465,6 +466,38 @@ def test_ranks_run_the_one_process_distillation(buffer64):
     assert one["history"][-1][-1] == 0 and len(one["history"]) == DISTILL.iterations
     assert_same_distillation(ranks, one)
 
+
+@pytest.mark.parametrize("init", ["real_hard", "real_correct"])
+def test_ranks_share_the_experts_passes_of_an_initialization(buffer64, monkeypatch, init):
+    """real_hard's judgement and the soft labels: each of 3 ranks sends about a third of the
+    images through the experts, and every rank gets one process's images, labels and report,
+    bit for bit (real_correct's scan stays whole on every rank; its labels are shared)."""
+    local, seen = threading.local(), collections.Counter()
+    real = FlatModel.__call__
+
+    def counted(fm, theta, x):
+        seen[local.who] += x.shape[0]
+        return real(fm, theta, x)
+
+    def init_on(group: Group):
+        local.who = "one" if group is SINGLE else group.rank
+        return initialize(cfg, buffer, x, y, torch.Generator().manual_seed(0), chunk=4,
+                          group=group)
+
+    monkeypatch.setattr(FlatModel, "__call__", counted)
+    cfg = replace(DISTILL, init=init, labels="expert", ipc=5)
+    with float64():
+        x, y, _, _ = tiny_data(torch.float64)
+        buffer = ExpertBuffer.open(buffer64)
+        one = init_on(SINGLE)
+        ranks = in_threads(3, init_on)
+    for images, labels, report in ranks:
+        assert torch.equal(images, one[0]) and torch.equal(labels, one[1]) and report == one[2]
+    shares = [seen[rank] for rank in range(3)]
+    if init == "real_hard":
+        assert sum(shares) == seen["one"] and max(shares) <= seen["one"] / 2, (shares, seen)
+    else:
+        assert max(shares) < seen["one"], (shares, seen)
 
 # --- two ranks as gloo processes against one process -------------------------------------------
 

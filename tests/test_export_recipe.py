@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -361,26 +362,41 @@ def test_the_cards_threads_are_those_the_evaluation_runs_with(tmp_path, monkeypa
     assert stage.evaluation_threads(p, str(path), models=1) == torch.get_num_threads()
 
 
-@pytest.mark.parametrize("labels, learn, words", [
-    ("hard", False, "hard labels (one-hot logits"),
-    ("expert", False, "the experts' soft labels (logits), not learned"),
+def _one_hot(logits: torch.Tensor, class_ids: torch.Tensor) -> bool:
+    """Whether the logits are exactly the hard labels a distillation starts from (a softmax of
+    1 - 1e-4 on the class): learned ones move from them by ~1e-4 here."""
+    classes = logits.shape[1]
+    hard = torch.nn.functional.one_hot(class_ids.long(), classes).float()
+    return torch.equal(logits, hard * math.log(1e4 * (classes - 1)))
+
+
+@pytest.mark.parametrize("settings, words, one_hot", [
+    ({"labels": "hard", "learn_labels": False}, "hard labels (one-hot logits", True),
+    ({"labels": "expert", "learn_labels": False},
+     "the experts' soft labels (logits), not learned", False),
+    # learn_labels is on by default: hard labels then learn away from one-hot
+    ({"labels": "hard"}, "learned soft labels (logits), started one-hot", False),
+    ({"init": "noise", "labels": "expert", "learn_labels": False}, "hard labels (one-hot", True),
 ])
-def test_the_card_says_which_labels_the_set_has(made, tmp_path, labels, learn, words):
-    """The profile's IPC 1000 has hard labels: its card must not call them learned soft labels
-    (the `made` exports, distilled with learned labels, are the third case)."""
+def test_the_card_says_which_labels_the_set_has(made, tmp_path, settings, words, one_hot):
+    """The card names the kind of labels the exported tensors hold: checked on the tensors
+    (the `made` exports, distilled from the experts' labels learned, are a fifth case)."""
     paths, params, exports, _ = made
     for folder in exports.values():
         card = card_of(folder)
-        assert card["contents"]["label_logits"].startswith("learned soft labels (logits)")
+        kind = card["contents"]["label_logits"]
+        assert kind.startswith("learned soft labels (logits)") and "one-hot" not in kind
         assert "- labels: learned soft labels (logits)," in (folder / "README.md").read_text()
     root = tmp_path / "project"
     shutil.copytree(paths.root, root, ignore=shutil.ignore_patterns("exports", "distilled",
                                                                     "checkpoints", "metrics"))
     raw = recipe_raw()
-    raw["distill"]["defaults"].update(labels=labels, learn_labels=learn)
+    raw["distill"]["defaults"].update(settings)
     mine = Params.from_dict(raw)
     pipeline.distill(mine, Paths(root), IPC)
     out = pipeline.export_ipc(mine, Paths(root), IPC, "safetensors", root / "export")
     card = card_of(out)
     assert card["contents"]["label_logits"].startswith(words)
     assert f"- labels: {words}" in (out / "README.md").read_text()
+    exported, _ = artifacts.load(out / "images.safetensors")
+    assert _one_hot(exported["label_logits"], exported["class_ids"]) == one_hot

@@ -64,7 +64,7 @@ def decompose_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = q
                                    cfg.seed, callback, group=group)
     idx = evaluate.random_subset(md.y, ipc, k, cfg.seed + ipc)  # baseline@<ipc>'s own draw
     soft = expert_soft_labels(params.distill(ipc), ExpertBuffer.open(paths.buffers), md.x[idx],
-                              md.y[idx])
+                              md.y[idx], group)
     callback({"event": "set", "name": "random real images, expert soft labels",
               "models": cfg.models})
     r_soft = evaluate.evaluate_set(spec, md.x[idx], soft, cfg.random_lr, cfg.epochs, cfg.models,

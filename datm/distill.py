@@ -133,15 +133,7 @@ class Distiller:
 
     def __post_init__(self) -> None:
         self.fm = FlatModel(self.buffer.spec, self.images.device).train(True)
-        if self.cfg.select_every and self.selection is None:
-            raise DistillError(f"distill ipc {self.cfg.ipc}: select_every needs a validation "
-                               "split (a Selection); set select_every: 0 to keep the final set")
-        if self.group.distributed and self.cfg.mode != "recompute":
-            raise DistillError(f"distill ipc {self.cfg.ipc}: mode {self.cfg.mode} runs in one "
-                               f"process, not {self.group.world}: use mode recompute")
-        if self.group.distributed and self.buffer.spec.norm == "batch":
-            raise DistillError(f"distill ipc {self.cfg.ipc}: batch norm couples a mini-batch, "
-                               f"which {self.group.world} processes split: use one process")
+        _check_run(self.cfg, self.buffer.spec, self.selection, self.group)
 
     # --- construction ---------------------------------------------------------------------
 
@@ -154,6 +146,7 @@ class Distiller:
         Every rank of `group` computes the same state: the RNG is seeded by cfg.seed alone.
         """
         check_buffer(cfg, buffer)
+        _check_run(cfg, buffer.spec, selection, group)  # before initialize's collectives
         generator = torch.Generator().manual_seed(cfg.seed)
         # Judged in float32 whatever `precision` is: TF32 rounding would move the experts'
         # margins, and real_hard picks exactly the images with the smallest ones.
@@ -348,6 +341,21 @@ class Distiller:
             tensors.update(images=self.best.images, labels=self.best.labels,
                            lr=self.best.lr.reshape(1))
         return artifacts.save(path, tensors, RESULT, full)
+
+
+def _check_run(cfg: DistillConfig, spec: NetSpec, selection: Selection | None,
+               group: Group) -> None:
+    """What a run refuses whatever its state: raised before any collective, so every rank
+    raises it alike instead of waiting in one."""
+    if cfg.select_every and selection is None:
+        raise DistillError(f"distill ipc {cfg.ipc}: select_every needs a validation split (a "
+                           "Selection); set select_every: 0 to keep the final set")
+    if group.distributed and cfg.mode != "recompute":
+        raise DistillError(f"distill ipc {cfg.ipc}: mode {cfg.mode} runs in one process, not "
+                           f"{group.world}: use mode recompute")
+    if group.distributed and spec.norm == "batch":
+        raise DistillError(f"distill ipc {cfg.ipc}: batch norm couples a mini-batch, which "
+                           f"{group.world} processes split: use one process")
 
 
 # --- initialization ----------------------------------------------------------------------------

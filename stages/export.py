@@ -89,7 +89,7 @@ def _show_recipe(console, recipe: dict) -> None:
     console.print(
         f"{recipe['kind']}: {recipe['images']} images"
         + (f" ({recipe['ipc']} per class)" if recipe["ipc"] else "")
-        + f", {recipe['labels']} labels; recipe of {recipe['recipe_of']}: {recipe['models']} "
+        + f", {recipe['label_kind']}; recipe of {recipe['recipe_of']}: {recipe['models']} "
         f"x {recipe['arch']}, {recipe['epochs']} epochs, batch {recipe['batch']}, lr "
         f"{recipe['lr']:.6g} ({recipe['lr_rule']}), seed {recipe['seed']}; set: "
         f"{recipe['preprocessing']}; test split: {recipe['test_split']}", highlight=False)

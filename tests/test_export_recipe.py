@@ -400,3 +400,7 @@ def test_the_card_says_which_labels_the_set_has(made, tmp_path, settings, words,
     assert f"- labels: {words}" in (out / "README.md").read_text()
     exported, _ = artifacts.load(out / "images.safetensors")
     assert _one_hot(exported["label_logits"], exported["class_ids"]) == one_hot
+    seen: list[dict] = []  # `datm evaluate --from` names the same kind before it trains
+    pipeline.evaluate_from(mine, Paths(root), out, callback=seen.append)
+    recipes = [e["recipe"] for e in seen if e["event"] == "recipe"]
+    assert len(recipes) == 1 and recipes[0]["label_kind"].startswith(words), recipes

@@ -15,7 +15,15 @@ from .. import artifacts, data, evaluate, sets
 from ..config import EvalConfig, Params, Paths
 from ..distributed import SINGLE, Group
 from ..events import Callback
-from ..export import LOSSLESS, NOT_MEASURED, ZCA_FILE, ExportError, export, recipe_differences
+from ..export import (
+    LOSSLESS,
+    NOT_MEASURED,
+    ZCA_FILE,
+    ExportError,
+    export,
+    label_kind,
+    recipe_differences,
+)
 from ..networks import first_conv_padding
 from ..zca import ZCA
 from .evaluate import measured_recipe
@@ -263,6 +271,9 @@ def evaluate_from(params: Params, paths: Paths, folder: Path, options: FromOptio
     spec = evaluate.arch_spec(md.spec(params), cfg.arch)
     recipe = {"kind": handed.kind, "images": int(x.shape[0]), "ipc": ipc,
               "labels": "soft" if handed.soft else "hard", "lr": lr, "lr_rule": rule,
+              # a datm export's logits may be one-hot: its card's settings say which kind
+              "label_kind": label_kind(handed.card.get("settings"))
+              if handed.kind == "datm export" else f"{'soft' if handed.soft else 'hard'} labels",
               "epochs": cfg.epochs, "batch": cfg.batch, "models": cfg.models, "arch": cfg.arch,
               "seed": seed, "preprocessing": "network inputs as given" if handed.inputs is not None
               else ("ZCA whitening of the run" if whiten else "per-channel normalization"),

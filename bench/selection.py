@@ -4,8 +4,9 @@ trained with the evaluation recipe of that IPC (one network, seed 0 unless --see
 
 A finished project's data, ZCA and experts are read, nothing is written there. The experts
 judge the whole training set chunk by chunk in index order; `init: real_hard` judges each class
-in its seeded order: the same numbers with instance norm (the profile's), not with batch norm. The table of
-bench/RESULTS.md ("IPC 1000 from the hardest images the experts get right") came from this.
+in its seeded order: the same numbers with instance norm (the profile's), not with batch norm.
+The table of bench/RESULTS.md ("IPC 1000 from the hardest images the experts get right") came
+from this.
 Run: `python -m bench.selection PROJECT [--ipc 1000] [--epochs 20] [--soft] [--sets ...]`.
 """
 

@@ -153,8 +153,8 @@ def label_kind(settings: dict | None) -> str:
     if not settings.get("learn_labels", True):
         return ("hard labels (one-hot logits: their softmax puts 1 - 1e-4 on the class)"
                 if one_hot else "the experts' soft labels (logits), not learned")
-    return "learned soft labels (logits), started one-hot" if one_hot else \
-        "learned soft labels (logits)"
+    return ("learned soft labels (logits), started one-hot" if one_hot
+            else "learned soft labels (logits)")
 
 
 def _contents(fmt: str, labels: str) -> dict:

@@ -196,6 +196,7 @@ def test_repro_without_dvc_installed_is_one_line(tmp_path, monkeypatch):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: dvc is not installed"), lines
 
+
 def test_evaluate_stage_without_flags_is_one_line(tmp_path):
     helpers.write_params(tmp_path, helpers.tiny_params())
     result = helpers.run(stage("evaluate"), cwd=tmp_path, env=helpers.stage_env())

@@ -349,6 +349,7 @@ def test_real_hard_fills_a_class_short_of_all_right_images_hardest_first(tiny_bu
         assert loss[fill].min() >= loss[~mine & (wrong == 1)].max() - 1e-6
     assert short == report["fallback_classes"] == [0, 1], (short, report["fallback_classes"])
 
+
 def test_soft_labels_are_the_final_epoch_experts_that_are_right(tiny_buffer, tiny_data):
     """docs/METHOD.md, "Initialization and soft labels": label_epoch -1 is the experts' last epoch,
     whatever T+ is; the labels are the mean logits of the experts right on each image."""

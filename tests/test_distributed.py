@@ -499,6 +499,7 @@ def test_ranks_share_the_experts_passes_of_an_initialization(buffer64, monkeypat
     else:
         assert max(shares) < seen["one"], (shares, seen)
 
+
 # --- two ranks as gloo processes against one process -------------------------------------------
 
 @pytest.mark.slow

@@ -269,11 +269,12 @@ def evaluate_from(params: Params, paths: Paths, folder: Path, options: FromOptio
     # soft labels: evaluate@IPC's seeds; hard labels: the random real baseline's (seed + 1)
     seed = cfg.seed + (0 if handed.soft else 1)
     spec = evaluate.arch_spec(md.spec(params), cfg.arch)
+    labels = "soft" if handed.soft else "hard"
     recipe = {"kind": handed.kind, "images": int(x.shape[0]), "ipc": ipc,
-              "labels": "soft" if handed.soft else "hard", "lr": lr, "lr_rule": rule,
+              "labels": labels, "lr": lr, "lr_rule": rule,
               # a datm export's logits may be one-hot: its card's settings say which kind
               "label_kind": label_kind(handed.card.get("settings"))
-              if handed.kind == "datm export" else f"{'soft' if handed.soft else 'hard'} labels",
+              if handed.kind == "datm export" else f"{labels} labels",
               "epochs": cfg.epochs, "batch": cfg.batch, "models": cfg.models, "arch": cfg.arch,
               "seed": seed, "preprocessing": "network inputs as given" if handed.inputs is not None
               else ("ZCA whitening of the run" if whiten else "per-channel normalization"),

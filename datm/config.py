@@ -10,6 +10,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import shutil
 import types
 import typing
 from dataclasses import asdict, dataclass
@@ -203,9 +205,13 @@ class EvalConfig:
     # evaluated on: the cross-architecture table (crossarch@<ipc>); empty: none.
     cross_archs: tuple[str, ...] = ()
     augment: bool = True
+    # torch.compile each network's forward (datm/compiled.py): the same training, fused
+    # kernels (other float rounding); pays for a large set's thousands of steps, not a small one's
+    compile: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_bool("evaluate.compile", self.compile)
         for arch in (self.arch, *self.cross_archs):
             if arch not in ARCHS:
                 raise ValueError(f"arch must be one of {ARCHS}, got '{arch}'")
@@ -238,6 +244,7 @@ class ExpertConfig:
     alpha: float = 0.0        # surrogate-gap weight; 0 with adaptive false is SAM
     adaptive: bool = False    # radius scaled per parameter by |w| (ASAM-style)
     group: int = 1            # experts trained together as one batched model
+    compile: bool = False     # torch.compile the loss (datm/compiled.py); groups of one only
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -255,8 +262,11 @@ class ExpertConfig:
         if self.alpha < 0:
             raise ValueError(f"buffers.alpha must be >= 0 (0: no surrogate-gap term), "
                              f"got {self.alpha}")
-        if not isinstance(self.adaptive, bool):
-            raise ValueError(f"buffers.adaptive must be true or false, got {self.adaptive!r}")
+        _check_bool("buffers.adaptive", self.adaptive)
+        _check_bool("buffers.compile", self.compile)
+        if self.compile and self.group > 1:
+            raise ValueError("buffers.compile needs group 1 (a batched group trains by vmap, "
+                             "which is not compiled)")
 
     def epoch_lr(self, epoch: int) -> float:
         """The lr of (0-based) epoch `epoch` under `schedule`."""
@@ -478,6 +488,20 @@ class Params:
         self.distill(ipc)  # a clear error for an IPC that is not configured
         return dataclasses.replace(self.evaluate, **self.evaluate_ipc.get(ipc, {}))
 
+    @property
+    def wants_compile(self) -> bool:
+        """Whether any plain training loop of the profile asks for torch.compile."""
+        return self.buffers.compile or self.evaluate.compile or any(
+            own.get("compile") for own in self.evaluate_ipc.values())
+
+    def without_compile(self) -> Params:
+        """The profile with every `compile` off: what runs where torch.compile cannot."""
+        return dataclasses.replace(
+            self, buffers=dataclasses.replace(self.buffers, compile=False),
+            evaluate=dataclasses.replace(self.evaluate, compile=False),
+            evaluate_ipc={ipc: {**own, "compile": False} if "compile" in own else own
+                          for ipc, own in self.evaluate_ipc.items()})
+
     def distill(self, ipc: int) -> DistillConfig:
         """The settings of one IPC: distill.defaults overlaid with distill.ipc.<ipc>."""
         if ipc not in self.distills:
@@ -631,6 +655,20 @@ def _check_across(params: Params) -> None:
             raise ConfigError(
                 f"distill ipc {ipc}: label_epoch {cfg.label_epoch} is past the experts' last "
                 f"epoch (buffers.epochs {epochs}): use -1 (the last epoch) or at most {epochs}")
+
+
+def compiler_missing() -> str | None:
+    """Why torch.compile cannot run on this machine, or None: inductor builds its kernels with
+    a C++ compiler (on a CPU; Triton's launcher needs one on a GPU too)."""
+    names = [os.environ.get("CXX"), "c++", "g++", "clang++"]
+    if not any(name and shutil.which(name) for name in names):
+        return "no C++ compiler on PATH (c++, g++, clang++ or $CXX)"
+    return None
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def _check_device(device: str) -> None:

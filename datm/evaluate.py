@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import AugConfig, augment
+from .compiled import maybe_compile
 from .config import EvalConfig
 from .distributed import SINGLE, Group
 from .errors import UserError
@@ -61,7 +62,8 @@ def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: fl
                    test_every: int = 0) -> float:
     """Train one fresh network; `targets` are label logits (soft CE) or class ids (hard CE).
 
-    SGD with momentum and weight decay, lr x0.1 at half the epochs, DSA on each batch.
+    SGD with momentum and weight decay, lr x0.1 at half the epochs, DSA on each batch; the
+    forward compiled when `cfg.compile` (the test pass stays eager).
     `test_every` > 0 also reports the test accuracy every that many epochs (a "test" event):
     the accuracy curve that shows whether a run has converged.
     """
@@ -72,6 +74,7 @@ def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: fl
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         model = build(spec).to(x.device)
+    forward = maybe_compile(model, cfg.compile)
     gen = torch.Generator().manual_seed(order_seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
@@ -87,7 +90,7 @@ def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: fl
             idx = order[start:start + batch]
             if idx.numel() < 2 and spec.norm == "batch":
                 continue  # batch norm cannot train on a single image
-            out = model(augment(x[idx], aug, gen))
+            out = forward(augment(x[idx], aug, gen))
             loss = soft_cross_entropy(out, targets[idx]) if soft else F.cross_entropy(out, targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

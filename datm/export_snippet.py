@@ -10,7 +10,10 @@ file: the set (a lossless export holds the network's inputs exactly; png images 
 their pixel ranges), how pixels become the network's input (`preprocessing`, with
 zca.safetensors when the pipeline whitened), the network and the training recipe (`recipe`).
 `--epochs` and `--models` override the recipe for a quick check; `--threads` as the recipe's
-`threads` gives the pipeline's float rounding on a CPU. Needs torch and numpy; safetensors for .safetensors
+`threads` gives the pipeline's float rounding on a CPU. A recipe with `compile: true` trains
+through torch.compile as the pipeline did (a C++ compiler needed); `--eager` trains without it:
+the same training with other float rounding, so numbers near the card's, not equal. Needs
+torch and numpy; safetensors for .safetensors
 files, Pillow for png exports, torchvision for ResNet-18 or --torchvision. It imports nothing
 from datm: the export is meant to travel without it.
 """
@@ -174,12 +177,15 @@ def dsa(x: torch.Tensor, aug: dict, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_and_test(card: dict, x: torch.Tensor, logits: torch.Tensor, x_test: torch.Tensor,
-                   y_test: torch.Tensor, epochs: int, seed: int) -> float:
+                   y_test: torch.Tensor, epochs: int, seed: int, compile: bool = True) -> float:
     """One fresh network: SGD with momentum and weight decay, lr x0.1 after half the epochs,
     DSA on every batch, soft cross-entropy against softmax(logits); then test accuracy."""
     recipe = card["recipe"]
     torch.manual_seed(2 * seed)  # the network's initial weights
     model = build(recipe["network"]).to(x.device)
+    # the training steps compiled as the pipeline's were (one graph per batch shape); the test
+    # pass below is eager in both
+    forward = torch.compile(model, dynamic=False) if compile and recipe.get("compile") else model
     gen = torch.Generator().manual_seed(2 * seed + 1)  # batch order and augmentation
     opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
                           weight_decay=recipe["weight_decay"])
@@ -192,7 +198,7 @@ def train_and_test(card: dict, x: torch.Tensor, logits: torch.Tensor, x_test: to
             idx = order[start:start + batch]
             if len(idx) < 2 and recipe["network"]["norm"] == "batch":
                 continue  # batch norm cannot train on one image
-            out = model(dsa(x[idx], recipe["augmentation"], gen))
+            out = forward(dsa(x[idx], recipe["augmentation"], gen))
             loss = -(F.log_softmax(out, 1) * F.softmax(logits[idx], 1)).sum(1).mean()
             opt.zero_grad()
             loss.backward()
@@ -218,6 +224,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (the recipe's `threads`: the "
                         "pipeline's rounding); default: torch's")
+    parser.add_argument("--eager", action="store_true", help="no torch.compile even where the "
+                        "recipe has it (other float rounding: near the card's number, not equal)")
     args = parser.parse_args()
     if (args.test is None) == (args.torchvision is None):
         parser.error("pass exactly one of --test FILE or --torchvision NAME")
@@ -233,7 +241,8 @@ def main() -> None:
     accs = []
     for k in range(models):  # network k's seed: the recipe's first seed + k
         accs.append(train_and_test(card, x, logits.float().to(args.device), x_test,
-                                   y_test.to(args.device), epochs, recipe["model_seeds"][0] + k))
+                                   y_test.to(args.device), epochs, recipe["model_seeds"][0] + k,
+                                   not args.eager))
         print(f"model {k + 1}/{models}: test accuracy {accs[-1]:.6f}", flush=True)
     std = float(torch.tensor(accs, dtype=torch.float64).std()) if models > 1 else 0.0
     print(f"test accuracy {100 * sum(accs) / models:.2f} ± {100 * std:.2f} % over {models} "

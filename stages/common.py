@@ -42,7 +42,7 @@ from rich.progress import (
 )
 
 from datm import artifacts, interrupts
-from datm.config import Params, Paths, load_params
+from datm.config import Params, Paths, compiler_missing, load_params
 from datm.distributed import (
     DEFAULT_TIMEOUT_S,
     SINGLE,
@@ -77,7 +77,17 @@ def parse(description: str, extra: Callable[[argparse.ArgumentParser], None] | N
 
 
 def load(params: str | Path) -> Params:
-    return load_params(params)
+    """The profile as this machine can run it: `compile` off, with one warning line (rank 0's),
+    where torch.compile cannot build its kernels; the experts and the evaluations then record
+    that they trained eager."""
+    p = load_params(params)
+    if p.wants_compile and (why := compiler_missing()):
+        if os.environ.get("RANK", "0") == "0":
+            console.print(f"[yellow]warning:[/] {params} asks for torch.compile, but {why}: "
+                          "training without it (the same training, slower, other float "
+                          "rounding); install g++ for the compiled speed")
+        p = p.without_compile()
+    return p
 
 
 def paths(root: str | Path) -> Paths:

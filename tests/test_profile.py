@@ -23,12 +23,12 @@ INIT = {
     50: ("real_correct", "expert", True, -1),
     1000: ("real_hard", "hard", False, -1),
 }
-# IPC: (models, epochs, batch, lr (0: learned x lr_scale), lr_scale)
+# IPC: (models, epochs, batch, lr (0: learned x lr_scale), lr_scale, compile)
 EVALUATE = {
-    1: (2, 300, 25, 0.0, 0.2),
-    10: (2, 300, 25, 0.0, 0.2),
-    50: (2, 300, 25, 0.0, 0.2),
-    1000: (2, 40, 128, 0.01, 0.2),
+    1: (2, 300, 25, 0.0, 0.2, False),
+    10: (2, 300, 25, 0.0, 0.2, False),
+    50: (2, 300, 25, 0.0, 0.2, False),
+    1000: (2, 40, 128, 0.01, 0.2, True),
 }
 
 
@@ -43,8 +43,8 @@ def test_data_network_and_experts(profile):
     assert (p.data.name, p.zca.enabled, p.zca.eps) == ("fashion_mnist", True, 0.1)
     assert (p.net.width, p.net.depth, p.net.norm) == (32, 3, "instance")
     b = p.buffers
-    assert (b.num_experts, b.epochs, b.lr, b.schedule, b.batch, b.momentum, b.rho) == \
-        (3, 8, 0.1, "cosine", 64, 0.0, 0.0)
+    assert (b.num_experts, b.epochs, b.lr, b.schedule, b.batch, b.momentum, b.rho, b.group,
+            b.compile) == (3, 8, 0.1, "cosine", 64, 0.0, 0.0, 1, True)
 
 
 @pytest.mark.parametrize("ipc", sorted(DISTILL))
@@ -58,7 +58,7 @@ def test_each_ipcs_distillation(profile, ipc):
 @pytest.mark.parametrize("ipc", sorted(EVALUATE))
 def test_each_ipcs_evaluation_recipe(profile, ipc):
     e = profile.evaluation(ipc)
-    assert (e.models, e.epochs, e.batch, e.lr, e.lr_scale) == EVALUATE[ipc]
+    assert (e.models, e.epochs, e.batch, e.lr, e.lr_scale, e.compile) == EVALUATE[ipc]
     assert (e.momentum, e.weight_decay, e.arch, e.random_lr) == (0.9, 5e-4, "convnet", 0.01)
 
 

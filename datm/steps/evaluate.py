@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .. import augment, evaluate, networks, provenance
+from .. import augment, compiled, evaluate, networks, provenance
 from ..config import EvalConfig, Params, Paths
 from ..distributed import SINGLE, Group
 from ..events import Callback
@@ -49,10 +49,10 @@ def measured_recipe(params: Params, cfg: EvalConfig, lr: float, device: str,
     aug = params.augment
     return {"arch": cfg.arch, "net": asdict(params.net), "lr": lr, "epochs": cfg.epochs,
             "batch": cfg.batch, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
-            "models": cfg.models, "seed": cfg.seed,
+            "models": cfg.models, "seed": cfg.seed, "compile": cfg.compile,
             "augment": asdict(aug) if aug.enabled and cfg.augment else {"enabled": False},
             "device": device, "threads": threads if device == "cpu" else None,
-            "code": provenance.code_digest(evaluate, augment, networks)}
+            "code": provenance.code_digest(evaluate, augment, networks, compiled)}
 
 
 def baseline_path(paths: Paths, ipc: int) -> Path:
@@ -70,8 +70,9 @@ def _protocol(params: Params, md: ModelData, ipc: int) -> str:
               "augment": asdict(params.augment),
               "device": device.type if device.index is None else f"{device.type}:0",
               **{k: getattr(cfg, k) for k in ("arch", "models", "epochs", "batch", "momentum",
-                                              "weight_decay", "augment", "random_lr", "seed")},
-              "code": provenance.code_digest(evaluate, augment, networks)}
+                                              "weight_decay", "augment", "random_lr", "seed",
+                                              "compile")},
+              "code": provenance.code_digest(evaluate, augment, networks, compiled)}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -114,6 +114,9 @@ def _recipe(params: Params, ipc: int, shape: torch.Size, num_classes: int,
         # seeded 2 s + 1 (evaluate.stream_seeds).
         "models": cfg.models, "seed": cfg.seed,
         "model_seeds": [cfg.seed * 1009 + k for k in range(cfg.models)],
+        # torch.compile(network) for the training steps (the test pass eager): the same
+        # training with fused kernels, whose float rounding the card's number has
+        "compile": cfg.compile,
         **({"threads": threads} if threads else {}),
     }
 

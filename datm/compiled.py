@@ -1,0 +1,35 @@
+"""torch.compile for the plain training loops: the experts' loss and the evaluation networks.
+
+Compiling fuses each block's norm, ReLU and pooling into a few kernels; on a CPU, where those
+memory-bound ops take about half of a ConvNet step, a large batch trains 1.5-1.6x faster
+(bench/compile.py). The training is the same, the float rounding is not: a compiled run gives
+other bytes than an eager one, and the same bytes run to run. So `compile` is a setting of the
+stages it touches (buffers.compile, evaluate.compile and evaluate.ipc.<N>.compile), part of
+the experts' identity and of an evaluation's recorded recipe.
+
+Compiling costs 10-30 s per process and shape before the first step, so it pays for thousands
+of steps (experts, a large set's evaluation), not for an IPC 1 evaluation's few hundred. A
+machine without a C++ compiler cannot compile: the stages then train eager, say so in one
+warning line, and record `compile: false` (config.compiler_missing, stages/common.load).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable)
+
+
+def maybe_compile(fn: F, enabled: bool) -> F:
+    """`fn` compiled (one graph per input shape, no dynamic shapes: a partial last batch gets
+    its own), or `fn` itself when not `enabled`."""
+    if not enabled:
+        return fn
+    # On a machine without CUDA, inductor's C++ builder logs "No CUDA runtime is found" once
+    # per process: nothing is wrong, and a CPU user should not read it as a problem.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    return torch.compile(fn, dynamic=False)  # type: ignore[return-value]

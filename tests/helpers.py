@@ -129,7 +129,10 @@ def tiny_params(name: str = "fashion_mnist", root: str = "standin", zca: bool = 
         "zca": {"enabled": zca, "eps": 0.1},
         "net": {"width": 4, "depth": 2, "norm": "instance"},
         "augment": {"strategy": "color_crop_cutout_scale_rotate"},
-        "buffers": {"num_experts": 2, "epochs": 3, "lr": 0.05, "batch": 32, "group": 1},
+        # compile off: 10-30 s per process to compile pays for nothing on these sizes
+        # (tests/test_compiled.py runs it)
+        "buffers": {"num_experts": 2, "epochs": 3, "lr": 0.05, "batch": 32, "group": 1,
+                    "compile": False},
         "distill": {
             "ipcs": [1, 2],
             "defaults": {"iterations": 3, "threshold": 10.0, "mode": "recompute",

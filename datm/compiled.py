@@ -1,11 +1,11 @@
 """torch.compile for the plain training loops: the experts' loss and the evaluation networks.
 
 Compiling fuses each block's norm, ReLU and pooling into a few kernels; on a CPU, where those
-memory-bound ops take about half of a ConvNet step, a large batch trains 1.5-1.6x faster
-(bench/compile.py). The training is the same, the float rounding is not: a compiled run gives
-other bytes than an eager one, and the same bytes run to run. So `compile` is a setting of the
-stages it touches (buffers.compile, evaluate.compile and evaluate.ipc.<N>.compile), part of
-the experts' identity and of an evaluation's recorded recipe.
+memory-bound ops take about half of a ConvNet step, the profile's batches (64, 128) train
+1.35-1.4x faster (bench/compile.py). The training is the same, the float rounding is not: a
+compiled run gives other bytes than an eager one, and the same bytes run to run. So `compile`
+is a setting of the stages it touches (buffers.compile, evaluate.compile and
+evaluate.ipc.<N>.compile), part of the experts' identity and of an evaluation's recorded recipe.
 
 Compiling costs 10-30 s per process and shape before the first step, so it pays for thousands
 of steps (experts, a large set's evaluation), not for an IPC 1 evaluation's few hundred. A

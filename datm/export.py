@@ -579,5 +579,9 @@ def _recipe_lines(recipe: dict | None) -> list[str]:
             f"- loss: {recipe['loss']}",
             f"- {recipe['models']} networks, seeds {recipe['model_seeds']}: report mean ± std "
             "of their test accuracies"] + (
+        ["- the network's training steps through torch.compile (the test pass eager): the "
+         "same training with fused kernels, whose float rounding the number has (reproduce.py "
+         "compiles too; --eager trains without it, to a number near this one)"]
+        if recipe.get("compile") else []) + (
         [f"- threads per network: {recipe['threads']} (on a CPU the thread count changes "
          "float rounding, which training amplifies)"] if recipe.get("threads") else [])

@@ -13,9 +13,9 @@ zca.safetensors when the pipeline whitened), the network and the training recipe
 `threads` gives the pipeline's float rounding on a CPU. A recipe with `compile: true` trains
 through torch.compile as the pipeline did (a C++ compiler needed); `--eager` trains without it:
 the same training with other float rounding, so numbers near the card's, not equal. Needs
-torch and numpy; safetensors for .safetensors
-files, Pillow for png exports, torchvision for ResNet-18 or --torchvision. It imports nothing
-from datm: the export is meant to travel without it.
+torch and numpy; safetensors for .safetensors files, Pillow for png exports, torchvision for
+ResNet-18 or --torchvision. It imports nothing from datm: the export is meant to travel
+without it.
 """
 
 from __future__ import annotations

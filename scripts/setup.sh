@@ -14,6 +14,21 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
+# torch.compile (the experts and IPC 1000's evaluation: buffers.compile, evaluate.ipc.1000.compile)
+# builds its kernels with a C++ compiler; without one the stages train eager (slower, other float
+# rounding) and say so
+if ! command -v "${CXX:-c++}" >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1 \
+    && ! command -v clang++ >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq g++ >/dev/null; } \
+      || echo "warning: could not install g++:" \
+      "torch.compile off (the stages train eager and say so)" >&2
+  else
+    echo "warning: no C++ compiler: torch.compile off (the stages train eager and say so)" >&2
+  fi
+fi
+
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

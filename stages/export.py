@@ -91,8 +91,10 @@ def _show_recipe(console, recipe: dict) -> None:
         + (f" ({recipe['ipc']} per class)" if recipe["ipc"] else "")
         + f", {recipe['label_kind']}; recipe of {recipe['recipe_of']}: {recipe['models']} "
         f"x {recipe['arch']}, {recipe['epochs']} epochs, batch {recipe['batch']}, lr "
-        f"{recipe['lr']:.6g} ({recipe['lr_rule']}), seed {recipe['seed']}; set: "
-        f"{recipe['preprocessing']}; test split: {recipe['test_split']}", highlight=False)
+        f"{recipe['lr']:.6g} ({recipe['lr_rule']}), seed {recipe['seed']}"
+        + (", compiled (torch.compile)" if recipe.get("compile") else "")
+        + f"; set: {recipe['preprocessing']}; test split: {recipe['test_split']}",
+        highlight=False)
     for note in recipe["notes"]:
         console.print(f"  {note}", highlight=False)
 

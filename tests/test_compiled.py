@@ -133,3 +133,14 @@ def test_without_a_cpp_compiler_a_stage_warns_in_one_line_and_trains_eager(
     monkeypatch.setenv("RANK", "1")  # the other ranks of a stage stay silent
     assert not common.load(file).wants_compile
     assert capsys.readouterr().err == ""
+
+
+def test_the_export_card_says_when_its_recipe_is_compiled():
+    from datm.export import _recipe_lines
+
+    params = Params.from_dict(helpers.tiny_params())
+    for compiled in (True, False):
+        cfg = replace(params.evaluate, compile=compiled)
+        recipe = _recipe(replace(params, evaluate=cfg, evaluate_ipc={}), None, (1, 8, 8), 3, 0.02)
+        assert recipe["compile"] is compiled
+        assert any("torch.compile" in line for line in _recipe_lines(recipe)) is compiled

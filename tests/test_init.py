@@ -36,6 +36,9 @@ def test_init_looks_at_the_data_and_writes_a_project(tmp_path):
     assert found.classes == ["class_0", "class_1", "class_2"] and found.channels == 1
     assert found.side == 20 and found.per_class == [30, 30, 30] and not found.test_split
     params = load_params(project / "params.yaml")  # it loads: every setting is valid
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    assert helpers.dvc_params_missing(raw, project / "dvc.yaml") == []  # DVC runs every stage
+    assert params.buffers.compile and not params.evaluate.compile  # thousands of steps vs few
     assert params.data.name == "imagefolder" and params.data.channels == 1
     assert params.data.root == str(data.resolve()) and params.data.im_size == 20
     assert params.ipcs == [1, 10]  # up to half of the smallest class
@@ -59,6 +62,9 @@ def test_init_sizes_colour_and_large_images_and_the_gpu(tmp_path):
     assert got["data.channels"] == 3 and got["data.im_size"] == 64 and got["net.depth"] == 4
     assert got["net.width"] == 128 and got["zca.enabled"] is True  # 12288 dims on a GPU
     params = load_params(tmp_path / "p" / "params.yaml")
+    raw = yaml.safe_load((tmp_path / "p" / "params.yaml").read_text())
+    assert helpers.dvc_params_missing(raw, tmp_path / "p" / "dvc.yaml") == []
+    assert not params.wants_compile  # not measured on a GPU
     assert "data.test_fraction" not in got  # a test/ folder is the test split
     assert params.evaluate.models == 5
     _, cpu = init.create(tmp_path / "q", str(data), gpu=False)

@@ -60,6 +60,42 @@ def test_every_param_dvc_yaml_names_is_in_params_yaml():
     assert not missing, f"dvc.yaml tracks params that params.yaml lacks: {sorted(set(missing))}"
 
 
+@pytest.mark.parametrize("profile", ["params.yaml", *sorted(
+    str(p.relative_to(REPO)) for p in (REPO / "presets").glob("*.yaml"))])
+def test_every_profile_has_every_param_a_stage_depends_on(profile):
+    """The shipped profile and every preset: DVC would stop at the first stage whose param is
+    missing (a new setting added to dvc.yaml and params.yaml but not to a preset)."""
+    raw = yaml.safe_load((REPO / profile).read_text())
+    assert helpers.dvc_params_missing(raw) == []
+
+
+@pytest.mark.parametrize("drop, fragment", [("seed", "params lack 'seed'"),
+                                             ("evaluate.compile", "params lack evaluate.compile"),
+                                             ("evaluate.cross_ipcs", "lack evaluate.cross_ipcs")])
+def test_a_profile_without_a_param_a_stage_needs_is_refused_before_any_stage(drop, fragment):
+    from datm.config import ConfigError, Params
+
+    raw = helpers.tiny_params()
+    *path, leaf = drop.split(".")
+    node = raw
+    for part in path:
+        node = node[part]
+    del node[leaf]
+    assert helpers.dvc_params_missing(raw) == [drop]  # what DVC would stop at
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        Params.from_dict(raw)
+
+
+def test_the_evaluate_keys_the_config_requires_are_those_dvc_yaml_names():
+    from datm.config import EVALUATE_STAGE_KEYS
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    named = {name.split(".")[1] for stage in stages.values()
+             for name in stage.get("do", stage).get("params") or []
+             if name.startswith("evaluate.") and not name.startswith("evaluate.ipc.")}
+    assert named == set(EVALUATE_STAGE_KEYS)
+
+
 def test_every_code_dependency_exists():
     text = (REPO / "dvc.yaml").read_text()
     code = [d for names in _flow_lists(text, "deps") for d in names if d.endswith(".py")]

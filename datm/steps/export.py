@@ -279,7 +279,8 @@ def evaluate_from(params: Params, paths: Paths, folder: Path, options: FromOptio
               "label_kind": label_kind(handed.card.get("settings"))
               if handed.kind == "datm export" else f"{labels} labels",
               "epochs": cfg.epochs, "batch": cfg.batch, "models": cfg.models, "arch": cfg.arch,
-              "seed": seed, "preprocessing": "network inputs as given" if handed.inputs is not None
+              "compile": cfg.compile, "seed": seed,
+              "preprocessing": "network inputs as given" if handed.inputs is not None
               else ("ZCA whitening of the run" if whiten else "per-channel normalization"),
               "test_split": "ZCA whitening of the run" if whiten else "per-channel normalization",
               "recipe_of": f"evaluate.ipc.{ipc}" if ipc in params.ipcs else "evaluate",

@@ -315,6 +315,7 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
             raise typer.Exit(2)
         # validate before touching params.yaml: its settings, and its device on this machine
         _run(lambda: common.load(str(source)).torch_device())
+        _run(lambda: _check_stage_params(root, source))
         _run(lambda: _check_replaceable(root / "params.yaml", source))
         shutil.copyfile(source, root / "params.yaml")
         common.console.print(f"params.yaml is now preset '{preset}' "
@@ -355,6 +356,23 @@ def _check_repro(root: Path) -> None:
     stage."""
     if (root / "params.yaml").exists():
         common.load(root / "params.yaml").torch_device()
+        _check_stage_params(root, root / "params.yaml")
+
+
+def _check_stage_params(root: Path, params: Path) -> None:
+    """Every param the project's dvc.yaml names is in `params` (cli/stage_params.py)."""
+    import yaml
+
+    from cli import stage_params
+    from datm.errors import UserError
+
+    if not (root / "dvc.yaml").is_file():
+        return  # DVC says that itself, before any stage
+    lacking = stage_params.missing(root / "dvc.yaml", yaml.safe_load(params.read_text()) or {})
+    if lacking:
+        raise UserError(f"{params} lacks {lacking[0]}, which dvc.yaml's stages depend on (DVC "
+                        "would stop there, after the stages before it ran): add it; datm's "
+                        "params.yaml shows every setting")
 
 
 @app.command()

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sysconfig
 import types
 import typing
 from dataclasses import asdict, dataclass
@@ -43,12 +44,6 @@ REMOVED = {**{f"evaluate.fullset_{k}": _EXPERTS_ARE_FULLSET
               for k in ("epochs", "lr", "batch", "models")},
            "launch.fullset": _EXPERTS_ARE_FULLSET}
 SECTIONS = ("data", "zca", "net", "augment", "buffers", "distill", "evaluate", "launch")
-# The evaluate.<key> settings dvc.yaml's stages name one by one (tests/test_pipeline.py checks
-# this list against dvc.yaml): DVC stops a stage whose param is missing, after the stages
-# before it ran, so a profile must set each of them (the other sections are params as a whole).
-EVALUATE_STAGE_KEYS = ("arch", "augment", "batch", "compile", "cross_archs", "cross_ipcs",
-                       "decompose_ipcs", "epochs", "lr", "lr_scale", "models", "momentum",
-                       "random_lr", "weight_decay")
 
 
 class ConfigError(UserError, ValueError):
@@ -460,16 +455,6 @@ class Params:
         if missing:
             raise ConfigError(f"params lack the '{missing[0]}' section (every profile sets "
                               f"{', '.join(SECTIONS)}; see params.yaml)")
-        top = [k for k in ("seed", "device") if k not in raw]
-        if top:
-            raise ConfigError(f"params lack '{top[0]}' (top level): DVC's stages depend on it "
-                              "(dvc.yaml) and stop where it is missing; see params.yaml")
-        _without_table(raw["evaluate"])  # a clear error for a section that is no mapping
-        lacking = [k for k in EVALUATE_STAGE_KEYS if k not in (raw["evaluate"] or {})]
-        if lacking:
-            raise ConfigError(f"params lack evaluate.{lacking[0]}: DVC's stages depend on it "
-                              "(dvc.yaml) and stop where it is missing; params.yaml shows every "
-                              "setting (evaluate.compile: false trains as before it existed)")
         seed = _typed(raw.get("seed", 0), int, "seed")
         if not 0 <= seed <= MAX_SEED:
             raise ConfigError(f"seed must lie in [0, 2^40], got {seed}")
@@ -675,10 +660,12 @@ def _check_across(params: Params) -> None:
 
 def compiler_missing() -> str | None:
     """Why torch.compile cannot run on this machine, or None: inductor builds its kernels with
-    a C++ compiler (on a CPU; Triton's launcher needs one on a GPU too)."""
+    a C++ compiler against Python's headers (on a CPU; Triton's launcher needs them on a GPU)."""
     names = [os.environ.get("CXX"), "c++", "g++", "clang++"]
     if not any(name and shutil.which(name) for name in names):
         return "no C++ compiler on PATH (c++, g++, clang++ or $CXX)"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return "no Python headers (Python.h: Debian's python3-dev)"
     return None
 
 

@@ -218,7 +218,7 @@ def record_accuracy(folder: str | Path, accuracy: str, how: str, digest: str | N
         if recipe is None or card.get("recipe") is None:
             raise ExportError(f"{folder}: the measurement has no recipe to match the card's "
                               "(--lr, --zca, or an export without one): not recorded")
-        differ = recipe_differences(recipe, card["recipe"])
+        differ = recipe_differences(recipe, stated_recipe(card))
         if differ:
             raise ExportError(f"{folder}: measured under another recipe than its card's "
                               f"({differ}): {accuracy} was not recorded")
@@ -226,6 +226,11 @@ def record_accuracy(folder: str | Path, accuracy: str, how: str, digest: str | N
         card["accuracy"].update(distilled=accuracy, measured=how)
         card["accuracy"].pop("note", None)
         _write_card(folder, card)
+
+
+def stated_recipe(card: dict) -> dict:
+    """The recipe a card states; a card from before `compile` existed states an eager one."""
+    return {"compile": False, **card["recipe"]}
 
 
 def recipe_differences(measured: dict, stated: dict) -> str:

@@ -22,7 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import os
+import shutil
+import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +181,15 @@ def dsa(x: torch.Tensor, aug: dict, gen: torch.Generator) -> torch.Tensor:
     return warp(x, theta)
 
 
+def compile_blocker() -> str | None:
+    """Why torch.compile cannot build its kernels here (a C++ compiler and Python.h), or None."""
+    if not any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++")):
+        return "there is no C++ compiler"
+    if not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        return "Python's headers (Python.h) are missing"
+    return None
+
+
 def train_and_test(card: dict, x: torch.Tensor, logits: torch.Tensor, x_test: torch.Tensor,
                    y_test: torch.Tensor, epochs: int, seed: int, compile: bool = True) -> float:
     """One fresh network: SGD with momentum and weight decay, lr x0.1 after half the epochs,
@@ -233,6 +247,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     card = json.loads((args.export / "dataset_card.json").read_text())
     recipe = card["recipe"]
+    if recipe.get("compile") and not args.eager and (why := compile_blocker()):
+        print(f"warning: the recipe trains through torch.compile, but {why}: training eager "
+              "(other float rounding: a number near the card's, not equal)", file=sys.stderr)
+        args.eager = True
+    # inductor's C++ builder logs "No CUDA runtime is found" on a machine without CUDA: noise
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     x, logits = load_set(args.export, card)
     x = x.to(args.device)
     test_pixels, y_test = load_test(args)

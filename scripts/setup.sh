@@ -14,22 +14,27 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
+PY=${PYTHON:-python3}
+
 # torch.compile (the experts and IPC 1000's evaluation: buffers.compile, evaluate.ipc.1000.compile)
-# builds its kernels with a C++ compiler; without one the stages train eager (slower, other float
-# rounding) and say so
-if ! command -v "${CXX:-c++}" >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1 \
-    && ! command -v clang++ >/dev/null 2>&1; then
+# builds its kernels with a C++ compiler against Python's headers; without them the stages
+# train eager (slower, other float rounding) and say so
+NEED=""
+command -v "${CXX:-c++}" >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 \
+  || command -v clang++ >/dev/null 2>&1 || NEED="g++"
+"$PY" -c 'import os, sys, sysconfig
+sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || NEED="$NEED python3-dev"
+if [ -n "$NEED" ]; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq g++ >/dev/null; } \
-      || echo "warning: could not install g++:" \
-      "torch.compile off (the stages train eager and say so)" >&2
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $NEED >/dev/null; } \
+      || echo "warning: could not install$NEED: torch.compile off (the stages train eager" \
+      "and say so)" >&2
   else
-    echo "warning: no C++ compiler: torch.compile off (the stages train eager and say so)" >&2
+    echo "warning: no$NEED: torch.compile off (the stages train eager and say so)" >&2
   fi
 fi
-
-PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # requirements.lock pins every package with its hashes (pip-compile, Python 3.11 on Linux

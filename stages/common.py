@@ -76,13 +76,13 @@ def parse(description: str, extra: Callable[[argparse.ArgumentParser], None] | N
     return parser.parse_args()
 
 
-def load(params: str | Path) -> Params:
-    """The profile as this machine can run it: `compile` off, with one warning line (rank 0's),
-    where torch.compile cannot build its kernels; the experts and the evaluations then record
-    that they trained eager."""
+def load(params: str | Path, warn: bool = True) -> Params:
+    """The profile as this machine can run it: `compile` off, with one warning line (rank 0's;
+    `warn` off for the launcher's own look at the profile), where torch.compile cannot build
+    its kernels; the experts and the evaluations then record that they trained eager."""
     p = load_params(params)
     if p.wants_compile and (why := compiler_missing()):
-        if os.environ.get("RANK", "0") == "0":
+        if warn and os.environ.get("RANK", "0") == "0":
             console.print(f"[yellow]warning:[/] {params} asks for torch.compile, but {why}: "
                           "training without it (the same training, slower, other float "
                           "rounding); install g++ for the compiled speed")
@@ -261,7 +261,7 @@ def processes(launch: str, params: str | Path,
     """How many processes run a stage on this machine: DATM_RANKS if set, else the stage's
     `launch.<launch>` in params.yaml; never more than `most(params)`, what the stage can use
     (its evaluation models, its expert batches; 1 where its work does not split)."""
-    p = load(params)
+    p = load(params, warn=False)
     raw = os.environ.get(RANKS_ENV, "").strip()
     if raw:
         if os.environ.get("DVC_STAGE"):
@@ -335,7 +335,7 @@ def _as_rank(fn: Callable[[Group], object], params: str | Path) -> int:
 
     def go() -> None:
         nonlocal group
-        device, timeout_s = load(params).torch_device(), dist_timeout()
+        device, timeout_s = load(params, warn=False).torch_device(), dist_timeout()
         try:
             # Connecting waits in gloo's C++ for every peer, even one a Ctrl-C already ended,
             # and Python cannot raise there: a Ctrl-C ends this process at once instead (it

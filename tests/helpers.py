@@ -153,35 +153,11 @@ def tiny_params(name: str = "fashion_mnist", root: str = "standin", zca: bool = 
     return params
 
 
-def _lookup(raw: object, dotted: str) -> tuple[bool, object]:
-    node = raw
-    for part in dotted.split("."):
-        keys = [part, int(part)] if part.isdigit() else [part]
-        hit = next((k for k in keys if isinstance(node, dict) and k in node), None)
-        if hit is None:
-            return False, None
-        node = node[hit]
-    return True, node
-
-
 def dvc_params_missing(raw: dict, dvc_yaml: Path = REPO / "dvc.yaml") -> list[str]:
-    """The params that dvc.yaml's stages name (foreach items resolved from `raw`) and `raw`
-    lacks: DVC stops such a stage, after the stages before it ran."""
-    missing = []
-    for stage in yaml.safe_load(Path(dvc_yaml).read_text())["stages"].values():
-        items = [None]
-        if "foreach" in stage:
-            name = stage["foreach"].strip("${}")
-            found, items = _lookup(raw, name)
-            if not found:  # DVC cannot even list the stage
-                missing.append(name)
-                continue
-        for name in stage.get("do", stage).get("params") or []:
-            for item in items:
-                resolved = name.replace("${item}", str(item))
-                if not _lookup(raw, resolved)[0]:
-                    missing.append(resolved)
-    return sorted(set(missing))
+    """The params that dvc.yaml's stages name and `raw` lacks (what `datm repro` refuses)."""
+    from cli.stage_params import missing
+
+    return missing(dvc_yaml, raw)
 
 
 def write_params(project: Path, params: dict) -> Path:

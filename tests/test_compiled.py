@@ -74,10 +74,12 @@ def test_a_compiled_evaluation_trains_the_network_reproduce_py_trains(made, monk
         monkeypatch.setattr(module, "build", keep)
 
     ours, theirs, eager = [], [], []
+    calls = _spy_on_compile(monkeypatch)
     capture(evaluate, ours)
     evaluate.train_and_test(SPEC, x, logits, 0.02, 3, cfg, params.augment, x_test, y_test, 7)
     capture(snippet, theirs)
     snippet.train_and_test(card, x, logits, x_test, y_test, 3, 7)
+    assert calls == [ours[0], theirs[0]]  # both compiled their network (eager = eager too)
     capture(evaluate, eager)
     evaluate.train_and_test(SPEC, x, logits, 0.02, 3, replace(cfg, compile=False),
                             params.augment, x_test, y_test, 7)
@@ -126,6 +128,7 @@ def test_without_a_cpp_compiler_a_stage_warns_in_one_line_and_trains_eager(
     assert capsys.readouterr().err == ""
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr("shutil.which", lambda name: None)
+    assert common.processes("buffers", file) == 1  # a stage's launcher looks first: silent
     p = common.load(file)
     assert not p.wants_compile
     lines = capsys.readouterr().err.strip().splitlines()
@@ -133,6 +136,10 @@ def test_without_a_cpp_compiler_a_stage_warns_in_one_line_and_trains_eager(
     monkeypatch.setenv("RANK", "1")  # the other ranks of a stage stay silent
     assert not common.load(file).wants_compile
     assert capsys.readouterr().err == ""
+    monkeypatch.undo()  # a compiler, but no Python.h to build against
+    monkeypatch.setattr("sysconfig.get_paths", lambda: {"include": str(tmp_path / "none")})
+    assert not common.load(file).wants_compile
+    assert "Python.h" in capsys.readouterr().err
 
 
 def test_the_export_card_says_when_its_recipe_is_compiled():
@@ -144,3 +151,13 @@ def test_the_export_card_says_when_its_recipe_is_compiled():
         recipe = _recipe(replace(params, evaluate=cfg, evaluate_ipc={}), None, (1, 8, 8), 3, 0.02)
         assert recipe["compile"] is compiled
         assert any("torch.compile" in line for line in _recipe_lines(recipe)) is compiled
+
+
+def test_a_card_from_before_compile_states_an_eager_recipe():
+    from datm.export import recipe_differences, stated_recipe
+
+    old_card = {"recipe": {"epochs": 40, "batch": 128}}
+    assert recipe_differences({"epochs": 40, "batch": 128, "compile": False},
+                              stated_recipe(old_card)) == ""
+    assert "compile" in recipe_differences({"epochs": 40, "batch": 128, "compile": True},
+                                           stated_recipe(old_card))

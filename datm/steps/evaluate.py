@@ -55,6 +55,12 @@ def measured_recipe(params: Params, cfg: EvalConfig, lr: float, device: str,
             "code": provenance.code_digest(evaluate, augment, networks, compiled)}
 
 
+# The `evaluate` settings a random real baseline is a function of (its protocol below); the
+# baseline@<ipc> stage lists each as a DVC param (tests/test_pipeline.py checks dvc.yaml).
+BASELINE_KEYS = ("arch", "models", "epochs", "batch", "momentum", "weight_decay", "augment",
+                 "random_lr", "seed", "compile")
+
+
 def baseline_path(paths: Paths, ipc: int) -> Path:
     return paths.metrics / "baseline" / f"ipc_{ipc}.json"
 
@@ -69,9 +75,7 @@ def _protocol(params: Params, md: ModelData, ipc: int) -> str:
     recipe = {"ipc": ipc, "data": md.identity, "net": asdict(params.net),
               "augment": asdict(params.augment),
               "device": device.type if device.index is None else f"{device.type}:0",
-              **{k: getattr(cfg, k) for k in ("arch", "models", "epochs", "batch", "momentum",
-                                              "weight_decay", "augment", "random_lr", "seed",
-                                              "compile")},
+              **{k: getattr(cfg, k) for k in BASELINE_KEYS},
               "code": provenance.code_digest(evaluate, augment, networks, compiled)}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -23,6 +23,7 @@ from ..export import (
     export,
     label_kind,
     recipe_differences,
+    stated_recipe,
 )
 from ..networks import first_conv_padding
 from ..zca import ZCA
@@ -210,7 +211,7 @@ def _record_problem(params: Params, handed: sets.HandedSet, ipc: int | None, num
     if why := _no_card_recipe(handed, options):
         return why
     measured = _card_recipe(params, handed, ipc, num_classes, options, threads)
-    if differ := recipe_differences(measured, handed.card["recipe"]):
+    if differ := recipe_differences(measured, stated_recipe(handed.card)):
         return (f"these params give another recipe than the card's ({differ}): measure with "
                 "the params it was exported with, or export it again")
     return None

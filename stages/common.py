@@ -85,7 +85,7 @@ def load(params: str | Path, warn: bool = True) -> Params:
         if warn and os.environ.get("RANK", "0") == "0":
             console.print(f"[yellow]warning:[/] {params} asks for torch.compile, but {why}: "
                           "training without it (the same training, slower, other float "
-                          "rounding); install g++ for the compiled speed")
+                          "rounding); scripts/setup.sh installs g++ and python3-dev")
         p = p.without_compile()
     return p
 

@@ -89,7 +89,7 @@ def main() -> None:
     y_test = test.labels.long()
     buffer = ExpertBuffer.open(root / "artifacts" / "buffers")
     fm = FlatModel(buffer.spec).train(True)
-    thetas = [buffer.epochs_of(k, [buffer.epochs])[0] for k in range(len(buffer))]
+    thetas = [buffer.snapshots_of(k, [buffer.snapshots])[0] for k in range(len(buffer))]
     wrong, loss = expert_judgement(fm, thetas, x, y, torch.arange(len(x)))
     loss = loss / len(thetas)  # the experts' mean
     sets = choosers(loss, wrong, args.ipc)

@@ -35,6 +35,9 @@ MODES = ("recompute", "unroll")
 PRECISIONS = ("float32", "tf32", "bf16")
 SCHEDULES = ("constant", "cosine")
 MAX_LR = 10.0  # an SGD lr above this diverges on any network here: a typo, not a setting
+# The distillation's own step sizes: 100x the largest published ones (lr_img 1e4 at Tiny
+# ImageNet IPC 1, lr_y 10, lr_lr 1e-4); beyond them a set only diverges
+MAX_LR_IMG, MAX_LR_Y, MAX_LR_LR = 1e6, 1e3, 1e-2
 MAX_SEED = 2**40  # seeds derived from it (expert k: seed x 100003 + k) stay in torch's 64 bits
 WINDOWS = ("manual", "auto")
 _EXPERTS_ARE_FULLSET = ("the experts train on the full set to convergence and are the full-set "
@@ -121,6 +124,12 @@ class DistillConfig:
     lr_y: float = 2.0
     lr_lr: float = 1e-5
     lr_init: float = 0.0              # 0: the experts' mean lr over the epochs the window reads
+    # Each iteration's student steps use the learned lr times the sampled segment's own expert
+    # lr over the window's mean (a cosine schedule's epochs differ by tens of %); constant: 1
+    segment_lr: bool = True
+    # window auto, small sets: sequential generation, U from ceil(T+ / 2) to T+ over sg_end
+    # iterations (0: half the run)
+    sequential: bool = True
     iterations: int = 100
     threshold: float = 1.0
     init: str = "real_correct"
@@ -148,6 +157,11 @@ class DistillConfig:
             (self.batch_syn >= 0, "batch_syn must be >= 0 (0: the whole set each step)"),
             (min(self.lr_img, self.lr_y, self.lr_lr) >= 0 and self.lr_init >= 0,
              "lr_img, lr_y, lr_lr and lr_init must be >= 0"),
+            (self.lr_img <= MAX_LR_IMG and self.lr_y <= MAX_LR_Y and self.lr_lr <= MAX_LR_LR
+             and self.lr_init <= MAX_LR,
+             f"lr_img must be <= {MAX_LR_IMG:g}, lr_y <= {MAX_LR_Y:g}, lr_lr <= {MAX_LR_LR:g} and "
+             f"lr_init <= {MAX_LR:g} (the published settings go to 1e4, 10, 1e-4 and 0.01): a "
+             "larger step diverges"),
             (self.threshold > 0, "threshold must be > 0"),
             (self.grid_every >= 1 and self.max_nonfinite >= 1,
              "grid_every and max_nonfinite must be >= 1"),
@@ -239,6 +253,13 @@ class ExpertConfig:
     # The experts' lr per epoch: constant (the reference's experts) or cosine, lr * (1 + cos(pi
     # e / epochs)) / 2 in epoch e, which converges in a few epochs (docs/METHOD.md, "Experts")
     schedule: str = "constant"
+    # constant only: the last `decay_epochs` epochs decay the lr to 0 by a cosine, step by step.
+    # The matching never reads them (a constant-lr trajectory is the one a student can follow);
+    # they make the final epoch, the full-set reference and the soft labels, a converged one.
+    decay_epochs: int = 0
+    # Parameters are recorded every `save_every` SGD steps (0: after every epoch); windows and M
+    # count these snapshots, so the expert steps a student covers are M x save_every.
+    save_every: int = 0
     # Flat-minimum experts by GSAM (flat_minimum.py); rho 0 = plain SGD (the MTT baseline).
     # The presets use the DATM reference values: rho 0.01, alpha 0.3, adaptive true.
     rho: float = 0.0          # perturbation radius
@@ -258,6 +279,15 @@ class ExpertConfig:
         ])
         if self.schedule not in SCHEDULES:
             raise ValueError(f"buffers.schedule must be one of {SCHEDULES}, got '{self.schedule}'")
+        if not 0 <= self.decay_epochs < self.epochs:
+            raise ValueError(f"buffers.decay_epochs must lie in [0, epochs) ({self.epochs}), "
+                             f"got {self.decay_epochs}")
+        if self.decay_epochs and self.schedule != "constant":
+            raise ValueError("buffers.decay_epochs needs schedule: constant (a cosine schedule "
+                             "decays over the whole run already)")
+        if self.save_every < 0:
+            raise ValueError(f"buffers.save_every must be >= 0 (0: once per epoch), got "
+                             f"{self.save_every}")
         if self.rho < 0:
             raise ValueError(f"buffers.rho must be >= 0 (0: plain SGD), got {self.rho}")
         if self.alpha < 0:
@@ -269,11 +299,31 @@ class ExpertConfig:
             raise ValueError("buffers.compile needs group 1 (a batched group trains by vmap, "
                              "which is not compiled)")
 
-    def epoch_lr(self, epoch: int) -> float:
-        """The lr of (0-based) epoch `epoch` under `schedule`."""
+    def step_lr(self, step: int, steps_per_epoch: int) -> float:
+        """The lr of (0-based, counted over the whole run) SGD step `step` under `schedule`."""
         if self.schedule == "cosine":
-            return self.lr * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
-        return self.lr
+            return self.lr * (1 + math.cos(math.pi * (step // steps_per_epoch) / self.epochs)) / 2
+        flat = self.constant_steps(steps_per_epoch)
+        if step < flat:
+            return self.lr
+        tail = self.epochs * steps_per_epoch - flat
+        return self.lr * (1 + math.cos(math.pi * (step - flat + 0.5) / tail)) / 2
+
+    def constant_steps(self, steps_per_epoch: int) -> int:
+        """The steps before the decay tail (all of them without one)."""
+        return (self.epochs - self.decay_epochs) * steps_per_epoch
+
+    def snapshot_steps(self, steps_per_epoch: int) -> list[int]:
+        """The SGD steps after which parameters are recorded: 0 (the init), every `save_every`
+        (or every epoch) and the last step, so a trajectory always ends converged."""
+        total = self.epochs * steps_per_epoch
+        every = self.save_every or steps_per_epoch
+        return sorted({*range(0, total, every), total})
+
+    def matchable(self, steps_per_epoch: int) -> int:
+        """The last snapshot a matching may read: the last one before the decay tail."""
+        flat = self.constant_steps(steps_per_epoch)
+        return max(i for i, s in enumerate(self.snapshot_steps(steps_per_epoch)) if s <= flat)
 
 
 @dataclass(frozen=True)
@@ -597,10 +647,12 @@ def _distills(section: Any, seed: int) -> dict[int, DistillConfig]:
     unknown = sorted(set(section) - {"ipcs", "defaults", "ipc"})
     if unknown:
         raise ConfigError(f"unknown key distill.{unknown[0]}; known: defaults, ipc, ipcs")
-    listed = section.get("ipcs") or []
+    listed = section.get("ipcs")
     if not isinstance(listed, list) or not all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in listed):
         raise ConfigError("distill.ipcs must be a list of positive integers, e.g. [1, 10, 50]")
+    if not listed:  # every later stage (evaluate, summary) is per IPC: nothing would run
+        raise ConfigError("distill.ipcs is empty: list at least one IPC, e.g. [10]")
     table = _ipc_table(section, "distill.ipc")
     defaults = section.get("defaults") or {}
     return {ipc: _build(DistillConfig, {"seed": seed, **defaults, **table.get(ipc, {}), "ipc": ipc},
@@ -640,22 +692,45 @@ def _check_across(params: Params) -> None:
     if params.cross_ipcs and not any(params.evaluation(i).cross_archs for i in params.cross_ipcs):
         raise ConfigError("evaluate.cross_ipcs lists IPCs but evaluate.cross_archs is empty: "
                           "name the other architectures, e.g. [convnet_bn]")
-    epochs = params.buffers.epochs
+    counts = _snapshot_counts(params)
+    if counts is None:  # snapshots every save_every steps of a data set of unknown size:
+        return          # distill@N checks its window against the experts it reads
+    matchable, last = counts
     for ipc, cfg in sorted(params.distills.items()):
         if cfg.window == "auto":  # chosen from the experts, to fit them (datm/windows.py)
-            if cfg.expert_epochs > epochs:
+            if cfg.expert_epochs > matchable:
                 raise ConfigError(f"distill ipc {ipc}: expert_epochs (M) {cfg.expert_epochs} "
-                                  f"is more than buffers.epochs {epochs}")
-        elif cfg.last_epoch_needed > epochs:
+                                  f"is more than the {matchable} expert snapshots a matching "
+                                  "reads (buffers.epochs less decay_epochs)")
+        elif cfg.last_epoch_needed > matchable:
             raise ConfigError(
-                f"distill ipc {ipc} reads expert epochs up to T+ - 1 + M = "
+                f"distill ipc {ipc} reads expert snapshots up to T+ - 1 + M = "
                 f"{cfg.last_epoch_needed} (max_start_epoch {cfg.max_start_epoch} - 1 + "
-                f"expert_epochs {cfg.expert_epochs}), but buffers.epochs is {epochs}: raise "
-                "buffers.epochs or lower max_start_epoch / expert_epochs")
-        if cfg.label_epoch > epochs:
+                f"expert_epochs {cfg.expert_epochs}), but the experts have {matchable} before "
+                "their decay tail: raise buffers.epochs or lower max_start_epoch / expert_epochs")
+        if cfg.label_epoch > last:
             raise ConfigError(
                 f"distill ipc {ipc}: label_epoch {cfg.label_epoch} is past the experts' last "
-                f"epoch (buffers.epochs {epochs}): use -1 (the last epoch) or at most {epochs}")
+                f"snapshot ({last}): use -1 (the last) or at most {last}")
+
+
+# Training images of the built-in data sets: with buffers.save_every, how many snapshots the
+# experts will have is known before they train.
+TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000,
+                "tiny_imagenet": 100_000}
+
+
+def _snapshot_counts(params: Params) -> tuple[int, int] | None:
+    """(the last snapshot a matching may read, the last snapshot) of the experts these params
+    train, or None where that depends on a data set's size not known before it loads."""
+    cfg = params.buffers
+    if not cfg.save_every:
+        return cfg.epochs - cfg.decay_epochs, cfg.epochs
+    images = TRAIN_IMAGES.get(params.data.name)
+    if images is None:
+        return None
+    steps_per_epoch = images // min(cfg.batch, images)
+    return cfg.matchable(steps_per_epoch), len(cfg.snapshot_steps(steps_per_epoch)) - 1
 
 
 def compiler_missing() -> str | None:

@@ -52,25 +52,37 @@ def upper_bound(cfg: DistillConfig, iteration: int) -> int:
 
 
 def check_buffer(cfg: DistillConfig, buffer: ExpertBuffer) -> None:
-    if buffer.epochs < cfg.last_epoch_needed:
+    if buffer.matchable < cfg.last_epoch_needed:
+        tail = (f" before their decay tail ({buffer.snapshots - buffer.matchable} of "
+                f"{buffer.snapshots} snapshots, which no matching reads)"
+                if buffer.matchable < buffer.snapshots else "")
         raise DistillError(
-            f"distill ipc {cfg.ipc} reads expert epochs up to T+ - 1 + M = {cfg.last_epoch_needed}, "
-            f"but the experts hold only {buffer.epochs}: raise buffers.epochs or lower T+ / M")
-    if cfg.label_epoch > buffer.epochs:
+            f"distill ipc {cfg.ipc} reads expert snapshots up to T+ - 1 + M = "
+            f"{cfg.last_epoch_needed}, but the experts hold only {buffer.matchable}{tail}: raise "
+            "buffers.epochs or lower T+ / M")
+    if cfg.label_epoch > buffer.snapshots:
         raise DistillError(
-            f"distill ipc {cfg.ipc}: label_epoch {cfg.label_epoch} is past the experts' last epoch "
-            f"{buffer.epochs}: use -1 (the last epoch) or at most {buffer.epochs}")
+            f"distill ipc {cfg.ipc}: label_epoch {cfg.label_epoch} is past the experts' last "
+            f"snapshot {buffer.snapshots}: use -1 (the last) or at most {buffer.snapshots}")
 
 
 def initial_lr(cfg: DistillConfig, buffer: ExpertBuffer) -> float:
-    """The student's first step size: the experts' mean lr over the epochs the window reads,
+    """The student's first step size: the experts' mean lr over the snapshots the window reads,
     [T-, T+ - 1 + M) (their constant lr, or e.g. the late, small lrs of a cosine schedule)."""
     return buffer.lr_over(cfg.min_start_epoch, cfg.last_epoch_needed)
 
 
+def segment_scale(cfg: DistillConfig, buffer: ExpertBuffer, start: int) -> float:
+    """What the learned lr is multiplied by to follow the segment [start, start + M): the
+    segment's own mean lr over the window's (1 for constant-lr experts; `segment_lr` off: 1)."""
+    if not cfg.segment_lr:
+        return 1.0
+    return buffer.lr_over(start, start + cfg.expert_epochs) / initial_lr(cfg, buffer)
+
+
 def label_epoch(cfg: DistillConfig, buffer: ExpertBuffer) -> int:
-    """The experts' epoch that judges initial images and gives soft labels (-1: the last)."""
-    return buffer.epochs if cfg.label_epoch < 0 else cfg.label_epoch
+    """The experts' snapshot that judges initial images and gives soft labels (-1: the last)."""
+    return buffer.snapshots if cfg.label_epoch < 0 else cfg.label_epoch
 
 
 def _hard_logits(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -130,6 +142,9 @@ class Distiller:
     best: _Best | None = None                         # the best set on the validation split so far
     selections: list[list[float]] = field(default_factory=list)  # [iteration, val accuracy]
     group: Group = SINGLE   # the processes computing this run together (not state)
+    # The set the run started from (images, labels, lr): saved with every checkpoint and the
+    # result, so "the initialization alone" is measured on exactly these tensors
+    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.fm = FlatModel(self.buffer.spec, self.images.device).train(True)
@@ -156,7 +171,8 @@ class Distiller:
         lr = torch.tensor(cfg.lr_init or initial_lr(cfg, buffer), device=x_real.device)
         momenta = _Momenta(torch.zeros_like(images), torch.zeros_like(labels), torch.zeros_like(lr))
         return cls(cfg, buffer, aug, images, labels, lr, generator, momenta,
-                   init_report=report, selection=selection, group=group)
+                   init_report=report, selection=selection, group=group,
+                   start=(images.clone(), labels.clone(), lr.clone()))
 
     # --- one iteration --------------------------------------------------------------------
 
@@ -165,15 +181,18 @@ class Distiller:
         bound = upper_bound(cfg, self.iteration)
         expert = int(torch.randint(len(self.buffer), (1,), generator=gen))
         start_epoch = int(torch.randint(cfg.min_start_epoch, bound, (1,), generator=gen))
-        ends = self.buffer.epochs_of(expert, [start_epoch, start_epoch + cfg.expert_epochs])
+        ends = self.buffer.snapshots_of(expert, [start_epoch, start_epoch + cfg.expert_epochs])
         start, target = ends.to(self.images.device).unbind(0)
         plan = make_plan(self.images.shape[0], cfg.batch_syn or self.images.shape[0],
                          cfg.syn_steps, self.images.shape[-1], self.aug, gen)
         # One process calls match as it always did; several pass their group.
         split = {"group": self.group} if self.group.distributed else {}
+        scale = segment_scale(cfg, self.buffer, start_epoch)
         with numerics(cfg.precision, self.images.device):
-            result = match(cfg.mode, self.fm, self.images, self.labels, self.lr, start, target,
-                           plan, self.aug, skip_above=cfg.threshold, **split)
+            result = match(cfg.mode, self.fm, self.images, self.labels, self.lr * scale, start,
+                           target, plan, self.aug, skip_above=cfg.threshold, **split)
+        if result.has_grad and scale != 1.0:
+            result.grad_lr = result.grad_lr * scale  # d loss / d lr through lr x scale
         finite = math.isfinite(result.loss)
         if not finite:
             self.nonfinite += 1
@@ -228,12 +247,25 @@ class Distiller:
                                                  or self.iteration == cfg.iterations)
             if judged:
                 info["val_acc"] = self.select()
-            if checkpoint and self.group.is_main and (
-                    judged or self.iteration % cfg.checkpoint_every == 0
-                    or self.iteration == cfg.iterations):
-                self.save_checkpoint(checkpoint, identity)
+            if judged or self.iteration % cfg.checkpoint_every == 0 \
+                    or self.iteration == cfg.iterations:
+                self.check_sane()  # before a checkpoint or the result keeps a diverged set
+                if checkpoint and self.group.is_main:
+                    self.save_checkpoint(checkpoint, identity)
             if callback:
                 callback(info)
+
+    def check_sane(self) -> None:
+        """Refuse a set that diverged, naming the step size that drove it: NaN/inf anywhere,
+        images beyond PIXEL_BOUND x the initial set's largest |value|, logits beyond
+        LOGIT_BOUND x the initial labels' (at least LOGIT_FLOOR), or an lr outside (0, MAX_LR]."""
+        problem = set_problem(self.images, self.labels, self.lr, self.start)
+        if problem:
+            setting, what = problem
+            raise DistillError(f"distill ipc {self.cfg.ipc} diverged by iteration "
+                               f"{self.iteration}: {what}: lower {setting} (now "
+                               f"{getattr(self.cfg, setting):g}); the last good checkpoint "
+                               "and any finished set are kept")
 
     def fingerprint(self) -> torch.Tensor:
         """A few numbers that differ between two states: iteration, sums of the set, lr, RNG."""
@@ -272,8 +304,12 @@ class Distiller:
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         history = torch.tensor(self.history, dtype=torch.float64).reshape(-1, len(HISTORY_COLUMNS))
-        return {"images": self.images, "labels": self.labels, "lr": self.lr.reshape(1),
-                "history": history}
+        out = {"images": self.images, "labels": self.labels, "lr": self.lr.reshape(1),
+               "history": history}
+        if self.start is not None:
+            images, labels, lr = self.start
+            out.update(init_images=images, init_labels=labels, init_lr=lr.reshape(1))
+        return out
 
     def _selection_meta(self) -> dict:
         best = self.best
@@ -318,12 +354,16 @@ class Distiller:
             best = _Best(to(tensors["best_images"]), to(tensors["best_labels"]),
                          to(tensors["best_lr"].reshape(())), chosen["iteration"],
                          chosen["val_acc"])
+        start = None
+        if "init_images" in tensors:
+            start = (to(tensors["init_images"]), to(tensors["init_labels"]),
+                     to(tensors["init_lr"].reshape(())))
         return cls(cfg, buffer, aug, to(tensors["images"]), to(tensors["labels"]),
                    to(tensors["lr"].reshape(())), generator, momenta, meta["iteration"],
                    meta["skipped"], meta["nonfinite"], meta["nonfinite_run"],
                    tensors["history"].tolist(), init_report=meta.get("init", {}),
                    selection=selection, best=best, selections=chosen.get("history", []),
-                   group=group)
+                   group=group, start=start)
 
     def save_result(self, path: str | Path, meta: dict) -> Path:
         """The result: the final set, or with selection on the best one on the validation split.
@@ -341,6 +381,38 @@ class Distiller:
             tensors.update(images=self.best.images, labels=self.best.labels,
                            lr=self.best.lr.reshape(1))
         return artifacts.save(path, tensors, RESULT, full)
+
+
+# A working distillation moves its images a few times their initial scale (a tiny test set
+# at lr_img 100: 20x in 4 iterations); a diverging one by orders of magnitude (1e6x)
+PIXEL_BOUND = 100.0   # x the initial images' largest |value| (model space)
+LOGIT_BOUND = 100.0   # x the initial label logits' largest |value| ...
+LOGIT_FLOOR = 1000.0  # ... but at least this (hard labels start at ~11)
+MAX_LR = 10.0        # as config.MAX_LR: no SGD lr of these networks trains above it
+
+
+def set_problem(images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
+                start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+                ) -> tuple[str, str] | None:
+    """(the setting to lower, what is wrong) when a set has diverged, else None."""
+    def peak(t: torch.Tensor) -> float:
+        return float(t.detach().abs().max()) if t.numel() else 0.0
+
+    if not bool(torch.isfinite(images).all()):
+        return "lr_img", "its images hold NaN/inf"
+    if not bool(torch.isfinite(labels).all()):
+        return "lr_y", "its label logits hold NaN/inf"
+    value = float(lr)
+    if not math.isfinite(value) or not 0 < value <= MAX_LR:
+        return "lr_lr", f"its learned lr is {value:g}, outside (0, {MAX_LR:g}]"
+    if start is not None:
+        limit = PIXEL_BOUND * max(peak(start[0]), 1e-6)
+        if peak(images) > limit:
+            return "lr_img", f"its images reach {peak(images):.3g} (bound {limit:.3g})"
+        limit = max(LOGIT_FLOOR, LOGIT_BOUND * peak(start[1]))
+        if peak(labels) > limit:
+            return "lr_y", f"its label logits reach {peak(labels):.3g} (bound {limit:.3g})"
+    return None
 
 
 def _check_run(cfg: DistillConfig, spec: NetSpec, selection: Selection | None,
@@ -400,7 +472,7 @@ def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: tor
                            f"has {n}: lower the IPC or use init: noise")
     epoch = label_epoch(cfg, buffer)
     fm = FlatModel(buffer.spec, x.device).train(True)
-    theta = cache(lambda k: buffer.epochs_of(k, [epoch])[0].to(x.device))  # read each once
+    theta = cache(lambda k: buffer.snapshots_of(k, [epoch])[0].to(x.device))  # read each once
     # Drawn whatever `labels` is, so hard and soft labels start from the same images.
     experts = torch.randperm(len(buffer), generator=generator).tolist()
     report: dict = {"init": cfg.init, "label_epoch": epoch}
@@ -438,7 +510,7 @@ def expert_soft_labels(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor
     `label_epoch`) that classify it correctly, as a real_correct initialization gets them."""
     epoch = label_epoch(cfg, buffer)
     fm = FlatModel(buffer.spec, x.device).train(True)
-    thetas = [buffer.epochs_of(k, [epoch])[0].to(x.device) for k in range(len(buffer))]
+    thetas = [buffer.snapshots_of(k, [epoch])[0].to(x.device) for k in range(len(buffer))]
     with numerics("float32", x.device):
         return expert_logits(fm, thetas, x, y, group=group)
 

@@ -9,9 +9,12 @@ recorded and the IPC's share of the training set (docs/METHOD.md, "Windows from 
   accuracy in epoch e and err_0 = 1 - 1/K (chance); 0 at the start, 1 at the end;
 - target t(s) for the share s = IPC x K / training images: t rises with log10(s), from
   T_LOW at s = S_LOW to T_HIGH;
-- T+ = the first epoch at which p reaches t (at least 1); for a large set (s >= LATE_SHARE) the
-  window starts where p reaches t - LATE_SPAN (T-), else at 0. M (expert_epochs) stays the
-  IPC's own, and T+ is capped so that epoch T+ - 1 + M exists.
+- T+ = the first snapshot at which p reaches t (at least 1); for a large set (s >= LATE_SHARE)
+  the window starts where p reaches t - LATE_SPAN (T-), else at 0 with sequential generation
+  (`sequential`): U grows from ceil(T+ / 2) to T+. M (expert_epochs) stays the IPC's own, and
+  T+ is capped so that snapshot T+ - 1 + M exists before the experts' decay tail.
+
+"Epoch" here is a snapshot of the trajectory: an epoch, or `buffers.save_every` SGD steps.
 """
 
 from __future__ import annotations
@@ -49,23 +52,30 @@ def target(share: float) -> float:
 
 def auto_window(cfg: DistillConfig, train_acc: list[float], num_classes: int,
                 train_images: int) -> DistillConfig:
-    """`cfg` with T-, T+ (no sequential generation) chosen from the experts' mean training
-    accuracy per epoch, `train_acc` (E values); it keeps `window: auto`, which the result's
-    settings then show beside the window chosen."""
+    """`cfg` with T-, T, T+ and sg_end chosen from the experts' mean training accuracy per
+    snapshot segment of the part a matching reads, `train_acc` (E values); it keeps `window:
+    auto`, which the result's settings then show beside the window chosen."""
     epochs = len(train_acc)
     p = progress(train_acc, num_classes)
     share = cfg.ipc * num_classes / train_images
     goal = target(share)
     t_max = next((e for e in range(1, epochs + 1) if p[e] >= goal), epochs)
     t_max = max(1, min(t_max, epochs + 1 - cfg.expert_epochs))
-    t_min = 0
+    t_min, sg_start, sg_end = 0, None, 0
     if share >= LATE_SHARE:
         t_min = next(e for e in range(epochs + 1) if p[e] >= goal - LATE_SPAN)
         t_min = min(t_min, t_max - 1)
-    return replace(cfg, min_start_epoch=t_min, max_start_epoch=t_max, sg_start=None, sg_end=0)
+    elif cfg.sequential and t_max >= 2:
+        # Sequential generation (DATM, small sets): U grows from half the window to all of it,
+        # over the IPC's sg_end or the first half of its run.
+        sg_start = (t_max + 1) // 2
+        sg_end = cfg.sg_end or max(1, cfg.iterations // 2)
+    return replace(cfg, min_start_epoch=t_min, max_start_epoch=t_max, sg_start=sg_start,
+                   sg_end=sg_end)
 
 
 def mean_curve(metas: list[dict]) -> list[float]:
-    """The experts' mean training accuracy per epoch, over the epochs all of them have."""
-    epochs = min(len(m["train_acc"]) for m in metas)
+    """The experts' mean training accuracy per snapshot segment, over the segments a matching
+    may read (before a decay tail) that all of them have."""
+    epochs = min(min(len(m["train_acc"]), m.get("matchable", len(m["train_acc"]))) for m in metas)
     return [sum(m["train_acc"][e] for m in metas) / len(metas) for e in range(epochs)]

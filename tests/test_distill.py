@@ -77,7 +77,7 @@ def test_start_epochs_stay_in_the_window(monkeypatch, tiny_buffer, tiny_data):
         assert cfg.min_start_epoch <= info["start_epoch"] < u
         starts.add(info["start_epoch"])
         # the matched pair is (theta*_t, theta*_{t+M}) of the drawn expert
-        rows = tiny_buffer.epochs_of(info["expert"], [info["start_epoch"],
+        rows = tiny_buffer.snapshots_of(info["expert"], [info["start_epoch"],
                                                       info["start_epoch"] + cfg.expert_epochs])
         assert torch.equal(call["start"], rows[0]) and torch.equal(call["target"], rows[1])
         assert call["mode"] == cfg.mode
@@ -152,7 +152,7 @@ def test_noise_init_gives_ipc_images_per_class_even_for_a_short_class(tiny_buffe
 def _expert_logits_at(buffer, epoch: int, images: torch.Tensor, y: torch.Tensor):
     """docs/METHOD.md, "Initialization and soft labels": mean logits of the experts right on each."""
     fm = FlatModel(buffer.spec)
-    logits = torch.stack([fm(buffer.epochs_of(k, [epoch])[0], images)
+    logits = torch.stack([fm(buffer.snapshots_of(k, [epoch])[0], images)
                           for k in range(len(buffer))])
     right = logits.argmax(-1) == y
     out = torch.empty(images.shape[0], logits.shape[-1])
@@ -186,7 +186,7 @@ def test_initialize_is_class_major_real_images_with_expert_labels(tiny_buffer, t
     if init in ("real_correct", "real_hard"):
         expected = _expert_logits_at(tiny_buffer, last, images, classes)
     else:
-        theta = tiny_buffer.epochs_of(report["expert"], [last])[0]
+        theta = tiny_buffer.snapshots_of(report["expert"], [last])[0]
         expected = FlatModel(tiny_buffer.spec)(theta, images)
     torch.testing.assert_close(labels, expected, rtol=1e-6, atol=1e-6)
     # the images are copies: changing them does not change the real data
@@ -209,7 +209,7 @@ def test_real_correct_images_are_right_for_the_recorded_expert(tiny_buffer, tiny
         assert [r["class"] for r in report["classes"]] == [0, 1, 2]
         assert report["fallback_classes"] == []
         for c, record in enumerate(report["classes"]):
-            theta = tiny_buffer.epochs_of(record["expert"], [epoch])[0]
+            theta = tiny_buffer.snapshots_of(record["expert"], [epoch])[0]
             chosen = images[c * cfg.ipc:(c + 1) * cfg.ipc]
             assert (fm(theta, chosen).argmax(1) == c).all(), (c, record)
             assert record["found"] >= cfg.ipc and not record["fallback"]
@@ -269,7 +269,7 @@ def _judged_by_hand(buffer, x: torch.Tensor, c: int,
     wrong, loss = torch.zeros(len(x)), torch.zeros(len(x))
     with torch.no_grad():
         for k in range(len(buffer)):
-            theta = buffer.epochs_of(k, [buffer.epochs if epoch < 0 else epoch])[0]
+            theta = buffer.snapshots_of(k, [buffer.epochs if epoch < 0 else epoch])[0]
             for i in range(len(x)):
                 logits = fm(theta, x[i:i + 1])[0]
                 wrong[i] += float(logits.argmax() != c)
@@ -360,7 +360,7 @@ def test_soft_labels_are_the_final_epoch_experts_that_are_right(tiny_buffer, tin
     last = tiny_buffer.epochs
     fm = FlatModel(tiny_buffer.spec)
     with torch.no_grad():
-        logits = torch.stack([fm(tiny_buffer.epochs_of(k, [last])[0], images)
+        logits = torch.stack([fm(tiny_buffer.snapshots_of(k, [last])[0], images)
                               for k in range(len(tiny_buffer))])   # [K, n, C], by hand
         right = logits.argmax(-1) == classes
         assert right.any(0).all(), "every chosen image has an expert that is right"
@@ -448,7 +448,7 @@ def test_fallback_keeps_the_images_the_best_expert_got_right(tiny_buffer, tiny_d
     images, labels, report = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
     fm = FlatModel(tiny_buffer.spec)
     with torch.no_grad():
-        thetas = [tiny_buffer.epochs_of(k, [1])[0] for k in range(len(tiny_buffer))]
+        thetas = [tiny_buffer.snapshots_of(k, [1])[0] for k in range(len(tiny_buffer))]
         right = [int(((fm(t, x).argmax(1) == y) & (y == 0)).sum()) for t in thetas]
         assert max(right) < cfg.ipc, "the tiny experts changed: pick another epoch"
         record = report["classes"][0]
@@ -498,7 +498,7 @@ def test_real_init_is_labelled_by_one_final_epoch_expert(tiny_buffer, tiny_data)
         chosen_experts.add(k)
         assert d.init_report == {"init": "real", "label_epoch": last, "expert": k}
         with torch.no_grad():
-            one = fm(tiny_buffer.epochs_of(k, [last])[0], d.images)
+            one = fm(tiny_buffer.snapshots_of(k, [last])[0], d.images)
             mean = _expert_logits_at(tiny_buffer, last, d.images,
                                      torch.arange(3).repeat_interleave(3))
         torch.testing.assert_close(d.labels, one, rtol=1e-6, atol=1e-6)

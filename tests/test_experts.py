@@ -199,7 +199,7 @@ def test_expert_buffer_reads_the_right_rows(tiny_buffer):
     for k in range(3):
         full = trajectory(tiny_buffer.paths[k])
         for rows in ([0], [5], [3, 1], [2, 2, 4]):
-            got = tiny_buffer.epochs_of(k, rows)
+            got = tiny_buffer.snapshots_of(k, rows)
             assert got.shape == (len(rows), full.shape[1])
             assert torch.equal(got, full[rows])
 

@@ -3,11 +3,14 @@ of the training set, following DATM's principle (small sets early, large sets la
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from test_steps import tiny_raw
 
 from datm import windows
 from datm.config import ConfigError, DistillConfig, Params
+from datm.distill import upper_bound
 
 # The default profile's experts (Fashion-MNIST, batch 64, cosine over 8 epochs): mean training
 # accuracy per epoch, measured
@@ -41,9 +44,27 @@ def test_small_sets_match_early_and_large_sets_late():
     assert all(w[i].min_start_epoch == 0 for i in (1, 10, 50))  # small shares start at 0
     assert w[1000].min_start_epoch > 0  # a sixth of the training set: a late window
     for cfg in w.values():
-        assert cfg.window == "auto" and cfg.sg_start is None
+        assert cfg.window == "auto"
         assert 0 <= cfg.min_start_epoch < cfg.max_start_epoch
         assert cfg.last_epoch_needed <= len(FMNIST)  # it fits the experts
+    assert w[1000].sg_start is None and w[1000].sg_end == 0  # a late window: no SG
+    for ipc in (1, 10, 50):  # small sets: sequential generation from half the window
+        cfg = w[ipc]
+        if cfg.max_start_epoch >= 2:
+            assert cfg.sg_start == (cfg.max_start_epoch + 1) // 2
+            assert cfg.sg_end == cfg.iterations // 2
+        off = windows.auto_window(replace(cfg, sequential=False), FMNIST, 10, 60000)
+        assert off.sg_start is None and off.max_start_epoch == cfg.max_start_epoch
+
+
+def test_sequential_generation_grows_the_bound_from_t_to_t_plus():
+    curve = [0.5, 0.7, 0.8, 0.85, 0.88, 0.9, 0.91, 0.92] * 2  # 16 snapshots, still learning
+    cfg = windows.auto_window(DistillConfig(ipc=10, window="auto", expert_epochs=1, sg_end=10),
+                              curve, 10, 60000)
+    assert cfg.max_start_epoch >= 2 and cfg.sg_start == (cfg.max_start_epoch + 1) // 2
+    bounds = [upper_bound(cfg, it) for it in range(12)]
+    assert bounds[0] == cfg.sg_start and bounds[-1] == cfg.max_start_epoch
+    assert bounds == sorted(bounds)
 
 
 def test_a_window_never_reads_past_the_experts():
@@ -61,7 +82,7 @@ def test_auto_windows_are_not_checked_against_buffers_epochs_but_m_is():
     raw["distill"]["ipc"][2] = {"window": "auto", "expert_epochs": 1, "batch_syn": 3}
     assert Params.from_dict(raw).distill(2).window == "auto"
     raw["distill"]["ipc"][2]["expert_epochs"] = raw["buffers"]["epochs"] + 1
-    with pytest.raises(ConfigError, match="expert_epochs .* is more than buffers.epochs"):
+    with pytest.raises(ConfigError, match="expert_epochs .* is more than the .* expert snapshots"):
         Params.from_dict(raw)
     raw["distill"]["ipc"][2] = {"window": "sometimes"}
     with pytest.raises(ConfigError, match="window must be one of"):

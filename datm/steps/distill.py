@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict
 
 from .. import evaluate, experts
-from ..config import Params, Paths
+from ..config import DistillConfig, Params, Paths
 from ..distill import Distiller, DistillError, Selection
 from ..distributed import SINGLE, Group
 from ..events import Callback
@@ -65,6 +65,8 @@ def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
     seconds = time.perf_counter() - tic
     losses = [row[1] for row in state.history[-20:] if row[1] == row[1]]
     summary = {"ipc": ipc, "iterations": state.iteration, "skipped": state.skipped,
+               "expert_steps_per_student_step": trajectories(cfg, buffer)[
+                   "expert_steps_per_student_step"],
                "nonfinite": state.nonfinite, "final_loss": sum(losses) / max(len(losses), 1),
                "learned_lr": float(state.lr), "seconds": seconds, "resumed_at": resumed_at,
                "init_fallback_classes": len(state.init_report.get("fallback_classes", []))}
@@ -74,6 +76,22 @@ def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
     if group.is_main:
         state.save_result(paths.distilled(ipc), {
             "classes": md.classes, "mean": md.mean, "std": md.std, "zca": md.zca.enabled,
-            "dataset": params.data.name, "summary": settled(summary)})
+            "dataset": params.data.name, "summary": settled(summary),
+            "trajectories": trajectories(cfg, buffer)})
     callback({"event": "done", "state": state, "summary": summary})
     return summary
+
+
+def trajectories(cfg: DistillConfig, buffer: experts.ExpertBuffer) -> dict:
+    """The trajectories a set was matched to: how the experts trained and were recorded, and
+    how many of their SGD steps one student step covers (M x steps per snapshot / N)."""
+    keep = ("num_experts", "epochs", "lr", "schedule", "decay_epochs", "batch", "save_every",
+            "momentum", "weight_decay", "rho")
+    config = buffer.metas[0]["config"]
+    per_snapshot = buffer.steps_per_snapshot
+    return {"experts": {k: config.get(k) for k in keep}, "snapshots": buffer.snapshots,
+            "matchable": buffer.matchable, "steps_per_snapshot": per_snapshot,
+            "window": {"T-": cfg.min_start_epoch, "T": cfg.sg_start, "T+": cfg.max_start_epoch,
+                       "sg_end": cfg.sg_end, "M": cfg.expert_epochs, "N": cfg.syn_steps},
+            "expert_steps_per_student_step": cfg.expert_epochs * per_snapshot / cfg.syn_steps}
+

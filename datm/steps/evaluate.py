@@ -177,6 +177,15 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
                                  tensors["labels"].to(md.x.device), lr, cfg.epochs, cfg.models,
                                  cfg, params.augment, md.x_test, md.y_test, cfg.seed, callback,
                                  group=group)
+    init = None
+    if "init_images" in tensors:
+        # What the matching adds: the exact set the distillation started from, same recipe
+        init_lr = evaluate.distilled_lr(cfg, float(tensors["init_lr"][0]))
+        callback({"event": "set", "name": "initialization", "models": cfg.models})
+        init = evaluate.evaluate_set(spec, tensors["init_images"].to(md.x.device),
+                                     tensors["init_labels"].to(md.x.device), init_lr,
+                                     cfg.epochs, cfg.models, cfg, params.augment, md.x_test,
+                                     md.y_test, cfg.seed, callback, group=group)
     rand = stored_baseline(params, paths, md, ipc) or random_real(params, md, ipc, callback,
                                                                     group=group)
     full_acc, full_std = full_dataset(paths)
@@ -185,6 +194,9 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
     # One row per IPC in `dvc metrics show`: the accuracies as scalars, details in "runs".
     # Where lossless stands: the gap to the full set, and the share of the training set used.
     summary = {"ipc": ipc, "distilled": dist["mean"], "distilled_std": dist["std"],
+               "init": None if init is None else init["mean"],
+               "init_std": None if init is None else init["std"],
+               "matching_gain": None if init is None else dist["mean"] - init["mean"],
                "random_real": rand["random_real"], "random_real_std": rand["random_real_std"],
                "full_dataset": full_acc, "full_dataset_std": full_std,
                "gap_to_full": None if full_acc is None else dist["mean"] - full_acc,
@@ -194,8 +206,11 @@ def evaluate_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = qu
                # runs: a list, which `dvc metrics show` leaves out; set_digest and recipe say
                # which version of the set was measured and how (an export's card checks both)
                "runs": runs("distilled", dist, lr, cfg.epochs, cfg, set_digest=set_digest(tensors),
-                            recipe=recipe) + rand["runs"]}
+                            recipe=recipe)
+                       + (runs("initialization", init, init_lr, cfg.epochs, cfg) if init else [])
+                       + rand["runs"]}
     if group.is_main:
         write_json(paths.evaluation(ipc), summary)
-    return {**summary, "seconds": sum(dist["seconds"]) + rand["seconds"]}
+    seconds = sum(dist["seconds"]) + rand["seconds"] + (sum(init["seconds"]) if init else 0.0)
+    return {**summary, "seconds": seconds}
 

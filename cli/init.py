@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from datm.data import IMAGE_SUFFIXES
+from datm.data import IMAGE_SUFFIXES, DataError, open_image
 from datm.errors import UserError
 from datm.networks import NetSpec, convnet_feature_size
 
@@ -78,17 +78,15 @@ def inspect(dataset: str) -> DataSummary:
 
 def _look_at(files: dict[str, list[Path]], per_class: int = 5) -> tuple[int, int, list[str]]:
     """Channels and side from a few images of every class."""
-    from PIL import Image
-
     modes, sizes = Counter(), Counter()
     for paths in files.values():
         for path in paths[:per_class]:
             try:
-                with Image.open(path) as im:
+                with open_image(path) as im:  # as the download stage reads it: size limit too
                     modes[im.mode] += 1
                     sizes[im.size] += 1
-            except OSError as exc:
-                raise InitError(f"cannot read image {path}: {exc}") from None
+            except DataError as exc:
+                raise InitError(str(exc)) from None
     gray = all(m in ("L", "1", "I", "I;16", "F", "LA") for m in modes)
     (w, h), _ = sizes.most_common(1)[0]
     notes = [f"images: {dict(modes)} modes, sizes {dict(sizes.most_common(3))} (of the first "

@@ -17,16 +17,29 @@ from stages import common
 
 
 class _Commands(TyperGroup):
-    """datm's commands. A Ctrl-C that no guarded step takes (one while a command imports its
-    stage, or before a launch has taken the signal over) ends as `common.guarded` ends one:
-    one line and exit 130, where Typer alone would exit 130 without a word."""
+    """datm's commands. What no guarded step takes ends as `common.guarded` ends it: a Ctrl-C
+    (one while a command imports its stage, or before a launch has taken the signal over) in
+    one line and exit 130, where Typer alone would exit 130 without a word; a SIGTERM in one
+    line and 143; a disk that refuses a write outside a stage (`repro --preset` writing
+    params.yaml, `plots` its page) in one line and exit 2."""
 
     def invoke(self, ctx: typer.Context) -> object:
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            common.console.print(common.INTERRUPTED)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            raise typer.Exit(common.guarded(_raising(exc))) from None
+        except OSError as exc:
+            if common.refused(exc) is None:
+                raise  # a bug: its traceback
+            raise typer.Exit(common.guarded(_raising(exc))) from None
+
+
+def _raising(exc: BaseException):
+    """A step that raises `exc`, for `common.guarded` to report as it reports its own."""
+    def step() -> None:
+        raise exc
+
+    return step
 
 
 app = typer.Typer(help="Dataset distillation by difficulty-aligned trajectory matching (DATM).",

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +40,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     the temp file it leaves is removed by the next write of `path` (`remove_dead_temps`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:  # a read-only or full disk: the error names what could not be written
+        name_in(exc, path)
+        raise
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are ordinary shared files
         os.replace(tmp, path)
+    except OSError as exc:
+        name_in(exc, path, tmp)
+        raise
     finally:
-        if os.path.exists(tmp):
+        with suppress(OSError):  # gone already, or left to the next write (remove_dead_temps)
             os.unlink(tmp)
+
+
+def name_in(exc: OSError, path: str | os.PathLike, temp: str | None = None) -> None:
+    """Make `exc` name `path` where it names no file (a write to an open file on a full disk)
+    or only `temp`, the writer's temp file: a person reads which artifact was not written."""
+    if exc.filename is None or exc.filename == temp:
+        exc.filename, exc.filename2 = str(path), None
+
+
+def _io_error(exc: Exception) -> OSError | None:
+    """The OSError behind a safetensors write that failed: it reports the OS's refusal (a full
+    disk) as a SafetensorError ending "... (os error 28)"."""
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
 
 
 def _host_tag() -> str:
@@ -123,7 +145,13 @@ def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str,
     # safetensors refuses non-contiguous or shared storage; clone keeps callers' views untouched.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path) as tmp, interrupts.deferred():
-        save_file(flat, str(tmp), metadata=header)
+        try:
+            save_file(flat, str(tmp), metadata=header)
+        except Exception as exc:
+            refused = _io_error(exc)
+            if refused is None:
+                raise
+            raise refused from exc  # atomic_path names `path` in it
     return Path(path)
 
 

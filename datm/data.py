@@ -8,8 +8,12 @@ any folder of class subfolders. All of them end as the same `Split` artifact.
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +30,11 @@ DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                   "Sneaker", "Bag", "Ankle boot"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# The largest image (width x height) a reader decodes: a few bytes of PNG can claim 20000 x
+# 20000 pixels, 1.2 GB once decoded. 50 million is ~12000x Tiny ImageNet's 64 x 64 and still
+# takes a 7000 x 7000 photo; DATM_MAX_IMAGE_PIXELS overrides it (a whole number of pixels).
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_PIXELS_ENV = "DATM_MAX_IMAGE_PIXELS"
 
 
 class DataError(UserError):
@@ -129,12 +138,15 @@ def load(cfg: DataConfig) -> tuple[Split, Split]:
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+        dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    except (OSError, EOFError, zlib.error, struct.error) as exc:  # gzip's damage, a short header
+        raise DataError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     if zero != 0 or dtype != 0x08:
         raise DataError(f"{path} is not an idx file of unsigned bytes")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(dims)):
         raise DataError(f"{path} is truncated")
@@ -182,9 +194,55 @@ _CIFAR = {
 }
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.load for CIFAR's batches, which can run no code: a pickle names the callables
+    that rebuild its objects, and any callable would do (os.system), so only those that
+    rebuild CIFAR's numpy arrays, bytes and strings are found; dicts and lists need none."""
+
+    def find_class(self, module: str, name: str) -> object:
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch does "
+                                         "not hold")
+        return found
+
+
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    """(module, name) -> object, every global a CIFAR pickle may name: numpy's array and dtype
+    rebuilders as numpy 1 (numpy.core) and 2 (numpy._core) spell them, `_frombuffer` for
+    protocol 5; `_codecs.encode` and `bytes` rebuild bytes in protocol-2 pickles Python 3 wrote
+    (encode only maps a str to bytes: its codecs come from the standard `encodings` package)."""
+    import _codecs
+
+    core = getattr(np, "_core", None) or np.core
+    table: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray,
+                                            ("numpy", "dtype"): np.dtype,
+                                            ("_codecs", "encode"): _codecs.encode}
+    for package in ("numpy.core", "numpy._core"):
+        table[(f"{package}.multiarray", "_reconstruct")] = core.multiarray._reconstruct
+        table[(f"{package}.numeric", "_frombuffer")] = core.numeric._frombuffer
+    for builtins in ("builtins", "__builtin__"):  # Python 2's name, in CIFAR's own files
+        table[(builtins, "bytes")], table[(builtins, "bytearray")] = bytes, bytearray
+    return table
+
+
+_CIFAR_GLOBALS = _cifar_globals()
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    """A CIFAR batch or meta file: a dict whose keys are bytes (Python 2 wrote them)."""
+    try:
+        with open(path, "rb") as f:
+            found = _CifarUnpickler(f, encoding="bytes").load()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # pickle raises many types (and MemoryError) for damaged bytes
+        raise DataError(f"{path} is not a CIFAR python batch ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}): extract cifar-*-python.tar.gz there again") from None
+    if not isinstance(found, dict):
+        raise DataError(f"{path} is not a CIFAR python batch (it holds a "
+                        f"{type(found).__name__}, not a dict)")
+    return found
 
 
 def _cifar(root: Path, cfg: DataConfig) -> tuple[Split, Split]:
@@ -192,26 +250,58 @@ def _cifar(root: Path, cfg: DataConfig) -> tuple[Split, Split]:
     base = root / folder
     if not (base / meta_file).is_file():
         _torchvision_download(cfg.name, root)
-    meta = _unpickle(base / meta_file)
-    classes = [c.decode() if isinstance(c, bytes) else c for c in meta[names_key.encode()]]
+    classes = _cifar_classes(base / meta_file, names_key.encode())
 
     def read(files: list[str]) -> Split:
-        batches = [_unpickle(base / f) for f in files]
-        images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-        labels = np.concatenate([np.asarray(b[labels_key]) for b in batches])
+        batches = [_cifar_batch(base / f, labels_key, len(classes)) for f in files]
+        images = np.concatenate([images for images, _ in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([labels for _, labels in batches])
         return Split(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)),
                      classes, str(base))
 
     return read(train_files), read(test_files)
 
 
+def _cifar_classes(path: Path, key: bytes) -> list[str]:
+    names = _unpickle(path).get(key)
+    if not isinstance(names, list) or not names or \
+            not all(isinstance(c, (bytes, str)) for c in names):
+        raise DataError(f"{path} holds no list of class names under {key.decode()!r}: extract "
+                        "cifar-*-python.tar.gz there again")
+    try:
+        return [c.decode() if isinstance(c, bytes) else c for c in names]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: class names that are not UTF-8") from None
+
+
+def _cifar_batch(path: Path, labels_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's images [n, 3072] (uint8) and labels [n], checked: a damaged file says so here
+    rather than as a reshape or indexing error later."""
+    batch = _unpickle(path)
+    images = batch.get(b"data")
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 \
+            or images.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path}: its b'data' must be uint8 images [N, 3072]")
+    n = images.shape[0]
+    try:
+        labels = np.asarray(batch.get(labels_key), dtype=np.int64)
+        fits = labels.shape == (n,) and (n == 0 or 0 <= labels.min() <= labels.max() < num_classes)
+    except (TypeError, ValueError, OverflowError):
+        fits = False
+    if not fits:
+        raise DataError(f"{path}: its {labels_key!r} must be {n} class ids in 0..{num_classes - 1}")
+    return images, labels
+
+
 def _torchvision_download(name: str, root: Path) -> None:
-    """Fetch CIFAR with torchvision; without internet say where the files must go."""
+    """Fetch CIFAR's archive with torchvision (which checks its md5); without internet say
+    where the files must go. Only the download: reading is ours (`_unpickle`)."""
     from torchvision import datasets
+    from torchvision.datasets.utils import download_and_extract_archive
 
     cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
     try:
-        cls(str(root), train=True, download=True)
+        download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
     except Exception as exc:
         raise DataError(f"{name} not found in {root}/{_CIFAR[name][0]} and the download failed "
                         f"({type(exc).__name__}); put the extracted python version there") from None
@@ -219,20 +309,65 @@ def _torchvision_download(name: str, root: Path) -> None:
 
 # --- folders of images -------------------------------------------------------------------------
 
+def max_image_pixels() -> int:
+    """The pixel limit of `open_image`: DATM_MAX_IMAGE_PIXELS, else MAX_IMAGE_PIXELS."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return MAX_IMAGE_PIXELS
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise DataError(f"{MAX_PIXELS_ENV} must be a whole number of pixels > 0, got {raw!r}")
+    return limit
+
+
+@contextmanager
+def open_image(path: Path, what: str = "image") -> Iterator:
+    """PIL's image of `path` for the block, refused (a DataError naming it) when it is larger
+    than `max_image_pixels()` (checked on its header, before any pixel is decoded) or when
+    anything in the block fails to decode it.
+
+    PIL's own check (a warning, then an error that is no OSError, above its own limit) is off
+    during the open: ours replaces it, so that DATM_MAX_IMAGE_PIXELS is the one limit."""
+    import warnings
+
+    from PIL import Image
+
+    limit, pil_limit = max_image_pixels(), Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                im = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
+        with im:
+            width, height = im.size
+            if width * height > limit:
+                raise DataError(f"{what} {path} is {width} x {height} pixels, more than the "
+                                f"{limit} datm decodes ({MAX_PIXELS_ENV} raises the limit)")
+            yield im
+    except DataError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
+        raise DataError(f"cannot read {what} {path}: {type(exc).__name__}: "
+                        f"{str(exc)[:200]}") from None
+
+
 def read_image(path: Path, channels: int, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """An image file as uint8 [channels, size, size] (converted, resized if need be), and its
     original (width, height)."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            original = im.size
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except OSError as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise DataError(f"cannot read image {path}: {exc}") from None
+    with open_image(path) as im:
+        original = im.size
+        im = im.convert("L" if channels == 1 else "RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.uint8)
     return (arr[None] if channels == 1 else arr.transpose(2, 0, 1)), original
 
 
@@ -300,7 +435,7 @@ def _tiny_imagenet(root: Path, cfg: DataConfig) -> tuple[Split, Split]:
     test = []
     annotations = base / "val" / "val_annotations.txt"
     if annotations.is_file():
-        for line in annotations.read_text().splitlines():
+        for line in _read_text(annotations).splitlines():
             parts = line.split("\t")
             if len(parts) >= 2 and parts[1] in index:
                 test.append((base / "val" / "images" / parts[0], index[parts[1]]))
@@ -312,5 +447,12 @@ def _tiny_names(base: Path, wnids: list[str]) -> list[str]:
     words = base / "words.txt"
     if not words.is_file():
         return wnids
-    table = dict(line.split("\t", 1) for line in words.read_text().splitlines() if "\t" in line)
+    table = dict(line.split("\t", 1) for line in _read_text(words).splitlines() if "\t" in line)
     return [table.get(w, w).split(",")[0].strip() for w in wnids]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None

@@ -15,7 +15,8 @@ Layout of an export directory (card `layout` 2):
   zca.safetensors     the pipeline's ZCA (mean, matrix, inverse), when it whitened
   dataset_card.json   where it came from, its settings, its accuracy (of exactly these tensors,
                       or "not measured"), what a network trained on it needs: `preprocessing`
-                      (pixels -> network input) and `recipe`
+                      (pixels -> network input) and `recipe`; `files`, the sha256 of every
+                      other file, by which --force knows a folder datm wrote
   README.md           the card for people
   reproduce.py        a plain-PyTorch script (no datm) that trains on the set by the recipe:
                       datm/export_snippet.py, copied
@@ -24,6 +25,7 @@ Layout 1 (earlier exports: pixels clipped to [0, 1], no `inputs`) is still read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 
 from . import artifacts, locks
+from .data import DataError, open_image
 from .errors import UserError
 from .sets import HandedSet, one_line
 from .zca import ZCA
@@ -105,9 +108,7 @@ def _export(inputs: torch.Tensor, pixels: torch.Tensor, logits: torch.Tensor, lr
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             if not force:
                 raise ExportError(f"{out} exists and is not empty: pass --force to overwrite it")
-            if not (out / CARD).is_file():
-                # --force replaces an earlier export, never an arbitrary folder (think --out .)
-                raise ExportError(f"{out} is not a datm export (no {CARD}): refusing to replace it")
+            _check_replaceable(out)
         # Named like atomic_path's temp files, so that remove_stale_temps finds it after a kill.
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
@@ -123,7 +124,7 @@ def _export(inputs: torch.Tensor, pixels: torch.Tensor, logits: torch.Tensor, lr
                          "contents": _contents(fmt, label_kind(card.get("settings"))),
                          "pixels": {"min": float(pixels.min()), "max": float(pixels.max()),
                                     "outside_0_1": outside}, **stored}
-            _write_card(tmp, full_card)
+            _write_card(tmp, full_card, fresh=True)
             _check_reads_back(tmp, inputs, pixels, fmt, full_card)
             os.chmod(tmp, 0o755)
             _swap(tmp, out)
@@ -174,15 +175,96 @@ def _contents(fmt: str, labels: str) -> dict:
             "label_logits": f"{labels} per image, in {METADATA} and {LABELS}"}
 
 
-def _write_card(folder: Path, card: dict) -> None:
-    """dataset_card.json, README.md and (with a recipe) reproduce.py, each written atomically."""
+def _write_card(folder: Path, card: dict, fresh: bool = False) -> None:
+    """dataset_card.json, README.md and (with a recipe) reproduce.py, each written atomically,
+    the card last: its `files` are the digests of the folder's other files (all of them for a
+    `fresh` export; else the rewritten README's entry, where the card lists files at all)."""
     snippet = SNIPPET.read_text() if "recipe" in card else None
-    with artifacts.atomic_path(folder / CARD) as tmp:
-        tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     if snippet and not (folder / SCRIPT).is_file():
         (folder / SCRIPT).write_text(snippet)
     with artifacts.atomic_path(folder / "README.md") as tmp:
         tmp.write_text(card_markdown(card, snippet))
+    if fresh:
+        card = {**card, "files": files_listing(folder)}
+    elif _listing(card) is not None:
+        card = {**card, "files": {**card["files"], **files_listing(folder, ["README.md"])}}
+    with artifacts.atomic_path(folder / CARD) as tmp:
+        tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+
+
+def files_listing(folder: Path, names: list[str] | None = None) -> dict[str, str]:
+    """sha256 of the export's files (`names`, or every file but the card), by relative path."""
+    if names is None:
+        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                       if p.is_file() and p != folder / CARD)
+    return {name: _sha256(folder / name) for name in names}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _listing(card: object) -> dict[str, str] | None:
+    """A card's `files` when it is a listing datm writes (name -> sha256), else None."""
+    files = card.get("files") if isinstance(card, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        return None
+    return files
+
+
+def _check_replaceable(out: Path) -> None:
+    """--force replaces a folder only when datm wrote it: its card lists the digest of every
+    file, each still matches, and nothing else is there (think --out . or a folder a user put
+    their own files in); else an ExportError that says what differs, with nothing touched."""
+    for name in (CARD, "README.md"):  # a killed `--record`'s temps (we hold the folder's lock)
+        artifacts.remove_stale_temps(out / name)
+    if not (out / CARD).is_file():
+        raise ExportError(f"{out} is not a datm export (no {CARD}): refusing to replace it")
+    try:
+        listed = _listing(json.loads((out / CARD).read_text()))
+    except (OSError, UnicodeDecodeError, ValueError):
+        listed = None
+    if listed is None:
+        raise ExportError(f"{out}'s {CARD} lists no digests of its files (an earlier datm's "
+                          "export, or not datm's): --force replaces only a folder datm wrote; "
+                          "remove or move it by hand")
+    differ = _differences(out, listed)
+    if differ:
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise ExportError(f"{out} is not the export its {CARD} lists: {differ[0]}{more}; "
+                          "--force replaces only what datm wrote: move your files out of it, "
+                          "or remove the folder by hand")
+
+
+def _differences(out: Path, listed: dict[str, str]) -> list[str]:
+    """What in `out` is not the export `listed` describes: files changed, missing, or not
+    datm's (links, other files, other folders)."""
+    folders = {parent.as_posix() for name in listed for parent in Path(name).parents}
+    found, differ = set(), []
+    for base, dirs, files in os.walk(out):
+        for name in sorted(dirs) + sorted(files):
+            path = Path(base, name)
+            rel = path.relative_to(out).as_posix()
+            if path.is_symlink():
+                differ.append(f"{rel} is a symbolic link")
+            elif name in dirs:
+                if rel not in folders:
+                    differ.append(f"{rel}/ is not one of its folders")
+            elif rel == CARD:
+                continue
+            elif rel not in listed:
+                differ.append(f"{rel} is not one of its files")
+            else:
+                found.add(rel)
+                if not path.is_file() or _sha256(path) != listed[rel]:
+                    differ.append(f"{rel} changed since the export")
+    differ += [f"{name} is missing" for name in sorted(set(listed) - found)]
+    return differ
 
 
 def _check_reads_back(folder: Path, inputs: torch.Tensor, pixels: torch.Tensor, fmt: str,
@@ -440,10 +522,10 @@ def _read_tensors(folder: Path, fmt: str, layout: int) -> dict[str, torch.Tensor
     try:
         if fmt == "safetensors":
             return artifacts.load(path, "export")[0]
-        if fmt == "pt":
+        if fmt == "pt":  # weights_only: torch's restricted unpickler, tensors and containers
             return _tensors(path, torch.load(path, weights_only=True))
         if fmt == "npz":
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:  # arrays only, never a pickled object
                 return _tensors(path, {k: torch.from_numpy(z[k]) for k in z.files})
         t, meta = artifacts.load(path, "export-labels")
         codes = torch.stack([_read_png(folder / name) for name in meta["files"]])
@@ -470,15 +552,13 @@ def _tensors(path: Path, value: object) -> dict[str, torch.Tensor]:
 
 
 def _read_png(path: Path) -> torch.Tensor:
-    from PIL import Image
-
     if not path.is_file():
         raise ExportError(f"{path} is missing: the export is incomplete")
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:  # refuses an image too large to decode, and bad bytes
             arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-    except OSError as exc:
-        raise ExportError(f"cannot read image {path}: {exc}") from None
+    except DataError as exc:
+        raise ExportError(str(exc)) from None
     return arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
 
 

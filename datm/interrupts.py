@@ -11,6 +11,11 @@ native wait that may never end (peers that are gone): a Ctrl-C ends the process 
 Signal handlers belong to the process, and only its main thread runs them: elsewhere, or when
 SIGINT is not Python's default handler (ignored, as in a background job, or someone's own),
 `deferred` and `fatal` change nothing. A blocked SIGINT that is ignored stays ignored.
+
+SIGTERM (`kill`, a scheduler, DVC's stage ending) ends a process at once by default, without a
+word. `terminate_gently` makes it a `Terminated`, a KeyboardInterrupt: the stage stops as on
+Ctrl-C (finished work kept) and says so; `deferred` holds it as it holds a Ctrl-C. SIGKILL
+cannot be caught: a process killed so says nothing (whoever started it may).
 """
 
 from __future__ import annotations
@@ -25,16 +30,45 @@ _held: list = []  # while `hold` is in force: [(its handler, the signals it caug
 _MASKS = hasattr(signal, "pthread_sigmask")  # not on Windows, where none of this applies
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where a Ctrl-C would be (`terminate_gently`): whatever stops cleanly on
+    Ctrl-C stops so on it; the stage's last line tells the two apart."""
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise Terminated
+
+
+def terminate_gently() -> None:
+    """From now on SIGTERM raises `Terminated` in the main thread, where it had its default
+    action (ending the process at once, silently); a handler someone installed stays. Not
+    for a rank of torchrun: it stops its ranks with SIGTERM and waits only 30 s, and a rank
+    waiting in gloo's C++ could not raise there (stages.common calls this outside ranks)."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
+
+
 def _can_hold() -> bool:
     return (threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
 
 
+def _interrupt(caught: list[int]) -> KeyboardInterrupt:
+    """What the first signal `deferred` held raises once its block ends."""
+    return Terminated() if caught[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
 @contextmanager
 def deferred() -> Iterator[None]:
-    """Run the block with Ctrl-C held; one that came during it is raised (KeyboardInterrupt)
-    when it ends, instead of whatever error the block ended with."""
-    if not _can_hold():
+    """Run the block with Ctrl-C (and a SIGTERM `terminate_gently` takes) held; one that came
+    during it is raised (KeyboardInterrupt, Terminated) when it ends, instead of whatever
+    error the block ended with."""
+    held = [signal.SIGINT] if _can_hold() else []
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is _terminate:
+        held.append(signal.SIGTERM)
+    if not held:
         yield
         return
     caught: list[int] = []
@@ -42,17 +76,18 @@ def deferred() -> Iterator[None]:
     def catch(signum: int, _frame: FrameType | None) -> None:
         caught.append(signum)
 
-    signal.signal(signal.SIGINT, catch)
+    previous = {sig: signal.signal(sig, catch) for sig in held}
     try:
         yield
     except Exception:
         if caught:  # the block's error came from the interrupt (or is moot after it)
-            raise KeyboardInterrupt from None
+            raise _interrupt(caught) from None
         raise
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if caught:
-        raise KeyboardInterrupt
+        raise _interrupt(caught)
 
 
 @contextmanager

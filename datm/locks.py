@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import UserError
@@ -35,13 +35,19 @@ def hold(path: str | os.PathLike, busy: str = "", wait: bool = False) -> Iterato
     try:
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except OSError as exc:  # a full disk: its error names no file, the line should
+            exc.filename = exc.filename or str(path)
+            raise
         yield
     finally:
         # Unlink while still holding it: a process that opened this file meanwhile sees, once
-        # it gets the lock, that the path no longer names it, and starts over (_acquire).
-        path.unlink(missing_ok=True)
+        # it gets the lock, that the path no longer names it, and starts over (_acquire). One
+        # that cannot be unlinked (the disk went read-only) is harmless: the kernel's lock went.
+        with suppress(OSError):
+            path.unlink(missing_ok=True)
         os.close(fd)
 
 

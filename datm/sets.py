@@ -138,6 +138,7 @@ def read_datm_pt(folder: Path) -> HandedSet:
 
 def _load_pt(path: Path) -> torch.Tensor:
     try:
+        # weights_only: torch's restricted unpickler (tensors, numbers, containers; no code)
         value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zipfile and torch raise many types for a bad file
         raise SetError(f"cannot read {path}: {one_line(exc)}") from None

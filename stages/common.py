@@ -12,14 +12,21 @@ the threads per process, hence the rounding, so launch.<stage> is a DVC param of
 
 `python -m stages.common TORCHRUN-ARGS` is that launch: torchrun whose failures end as the
 failed rank's exit code (a user error 2, Ctrl-C 130) instead of torchrun's report and 1.
+
+Every way a stage ends badly ends in one line (`guarded`): a user error or a disk that refuses
+a write (exit 2), Ctrl-C (130), SIGTERM (143), a rank or the launch killed (128 + the signal,
+said by the process that started it). Only a kill -9 of the stage process itself ends silently:
+SIGKILL cannot be caught, and what started it (a shell, DVC) reports the exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -64,6 +71,8 @@ OWN_LAUNCH_ENV = "DATM_OWN_LAUNCH"   # set for the ranks of `torchrun` below
 TIMEOUT_ENV = "DATM_DIST_TIMEOUT_S"  # how long a rank waits for the others in a collective
 ERRORS_ENV = "DATM_RANK_ERRORS"      # where datm's own launch collects ranks' error lines
 INTERRUPTED = "[yellow]interrupted:[/] run the same command again to resume"
+TERMINATED = ("[yellow]terminated (SIGTERM):[/] {what} stopped; finished work is kept: run the "
+              "same command again to resume")
 _rank = 0  # this process's rank when torchrun started it (its error lines say so)
 
 
@@ -181,11 +190,15 @@ def _same_folder(root: Path, folder: Path, dir_md5: str) -> bool:
 
 
 def guarded(fn: Callable[[], object], announce: bool = True) -> int:
-    """Run a stage: user errors print one line and exit 2; Ctrl-C exits 130 (resume later),
-    saying so unless not `announce` (another process says it).
+    """Run a stage: user errors print one line and exit 2, and so does a disk that refuses a
+    write (`refused`); Ctrl-C exits 130 (resume later), SIGTERM 143, each saying so unless not
+    `announce` (another process says it). Outside a rank SIGTERM is taken from here on (before,
+    while the process imports, it ends it silently); a rank's launch reports its end instead.
 
     DATM_DEBUG=1 shows the traceback instead.
     """
+    if not launched():
+        interrupts.terminate_gently()
     try:
         interrupts.release()  # a Ctrl-C held since this process started (stages/__init__.py)
         try:
@@ -197,26 +210,76 @@ def guarded(fn: Callable[[], object], announce: bool = True) -> int:
             if why is None:
                 raise
             raise UserError(why) from exc
+        except OSError as exc:  # a full or read-only disk is the machine's, not a bug
+            why = refused(exc)
+            if why is None:
+                raise
+            raise UserError(why) from exc
     except UserError as exc:
         if os.environ.get("DATM_DEBUG"):
             raise
-        message = escape(str(exc))  # e.g. gloo's "[.../pair.cc:545] ..." is not markup
-        errors = os.environ.get(ERRORS_ENV)
-        if errors:  # datm's own launch prints one line for all ranks, once they have ended
-            # whole or absent should torchrun stop this rank while it writes
-            with artifacts.atomic_path(Path(errors, f"rank{_rank}.err")) as partial:
-                partial.write_text(str(exc))
-        elif _rank:  # the console of ranks other than 0 is quiet; an error must still show
-            Console(stderr=True, soft_wrap=True).print(
-                f"[bold red]error:[/] rank {_rank}: {message}", highlight=False)
-        else:
-            console.print(f"[bold red]error:[/] {message}", highlight=False)
-        return 2
+        return report(exc)
+    except interrupts.Terminated:
+        if announce:
+            console.print(TERMINATED.format(what=escape(_stopped())), highlight=False)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         if announce:
             console.print(INTERRUPTED)
         return 130
     return 0
+
+
+def report(exc: UserError) -> int:
+    """Print a user error's one line (a rank under datm's launch saves it instead); exit 2."""
+    message = escape(str(exc))  # e.g. gloo's "[.../pair.cc:545] ..." is not markup
+    errors = os.environ.get(ERRORS_ENV)
+    if errors:  # datm's own launch prints one line for all ranks, once they have ended
+        # whole or absent should torchrun stop this rank while it writes
+        try:
+            with artifacts.atomic_path(Path(errors, f"rank{_rank}.err")) as partial:
+                partial.write_text(str(exc))
+            return 2
+        except OSError:  # a full temp dir: the line goes straight to stderr
+            pass
+    if _rank:  # the console of ranks other than 0 is quiet; an error must still show
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]error:[/] rank {_rank}: {message}", highlight=False)
+    else:
+        console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return 2
+
+
+def _stopped() -> str:
+    """What a SIGTERM stopped, for its line: DVC's stage, `datm <command>` or the stage module."""
+    if os.environ.get("DVC_STAGE"):
+        return f"stage {os.environ['DVC_STAGE']}"
+    name = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "datm"
+    return f"datm {sys.argv[1]}" if name == "datm" and len(sys.argv) > 1 else name
+
+
+# What to do when the machine refuses a file operation, by errno (`refused`); others are bugs.
+_WRITES = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space within your quota",
+           errno.EFBIG: "the file system takes no file this large: use another (--root)",
+           errno.EROFS: "the file system is read-only: run where datm may write (--root), or "
+                        "remount it writable"}
+_ACCESS = {errno.EACCES: "give this user access to it", errno.EPERM: "give this user access to it",
+           errno.EIO: "the disk reported an I/O error: check it",
+           errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+           errno.ENFILE: "too many open files on this machine: close some"}
+
+
+def refused(exc: OSError) -> str | None:
+    """The one line for an OSError the machine caused (a full or read-only disk, no permission,
+    a failing disk): the path, why and what to do; None for any other OSError (a bug)."""
+    advice = _WRITES.get(exc.errno) or _ACCESS.get(exc.errno)
+    if advice is None:
+        return None
+    where = exc.filename2 or exc.filename  # a rename names its destination second
+    verb = "write" if exc.errno in _WRITES else "use"
+    what = f"cannot {verb} {where}" if where else f"cannot {verb} a file"
+    return (f"{what}: {exc.strerror or os.strerror(exc.errno)}: {advice}, then run the same "
+            "command again (finished work is kept)")
 
 
 def out_of_memory(exc: BaseException) -> str | None:
@@ -346,10 +409,9 @@ def _as_rank(fn: Callable[[Group], object], params: str | Path) -> int:
         except RuntimeError as exc:  # a peer died or hung: one line, not a traceback
             if not (isinstance(exc, torch_dist.DistError) or "gloo" in str(exc)):
                 raise  # a bug: its traceback
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DistributedError(
-                f"lost the other processes ({first[:300]}): one of them died or hung; run the "
-                "same command again to resume") from None
+                f"lost the other processes ({_peer_lost(exc)}): one of them died or hung; run "
+                "the same command again to resume") from None
 
     try:
         # Under datm's own launch (`torchrun`) the stage process that started it says
@@ -357,6 +419,16 @@ def _as_rank(fn: Callable[[Group], object], params: str | Path) -> int:
         return guarded(go, announce=not os.environ.get(OWN_LAUNCH_ENV))
     finally:
         group.close()
+
+
+def _peer_lost(exc: BaseException) -> str:
+    """gloo's reason in a few words: "[.../gloo/transport/tcp/pair.cc:561] Connection closed by
+    peer [127.0.0.1]:14211. This is typically caused by ... GLHF!" -> "Connection closed by
+    peer [127.0.0.1]:14211"."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first)  # the C++ source line
+    return first.split(". ")[0][:200]
 
 
 def core_share(world: int) -> int:
@@ -380,7 +452,10 @@ def torchrun(world: int, module: str, args: Sequence[str]) -> int:
     cmd = [sys.executable, "-m", "stages.common", "--standalone", f"--nproc_per_node={world}",
            "-m", module, *args]
 
+    received: list[int] = []
+
     def forward(signum: int, _frame) -> None:
+        received.append(signum)
         try:
             proc.send_signal(signum)
         except ProcessLookupError:
@@ -401,16 +476,38 @@ def torchrun(world: int, module: str, args: Sequence[str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return _launch_ended(code, received, proc.pid, module)
+
+
+def _launch_ended(code: int, received: list[int], pid: int, module: str) -> int:
+    """The exit code of a stage whose launch ended with `code` (negative: killed by that
+    signal), after this process handed it the signals `received`; the stage's one line where
+    the launch could not say it (Ctrl-C and SIGTERM: the ranks keep quiet about them)."""
+    if code and (signal.SIGTERM in received or code == -signal.SIGTERM):  # to us or the launch
+        console.print(TERMINATED.format(what=escape(_stopped())), highlight=False)
+        return 128 + signal.SIGTERM
+    if code < 0 and code != -signal.SIGINT:  # a kill -9 of the launch: it could say nothing
+        console.print(f"[bold red]error:[/] the launch of {module} (pid {pid}) was killed by "
+                      f"{_signal_name(-code)}, and its processes with it: run the same command "
+                      "again to resume", highlight=False)
     code = 128 - code if code < 0 else code
     if code == 130:  # Ctrl-C, wherever the launch or its ranks were (they keep quiet about it)
         console.print(INTERRUPTED)
     return code
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def _launch(argv: list[str]) -> int:
     """torch.distributed.run on `argv` (torchrun's arguments), ending as its first failed
     rank ended: that rank printed why (its error line, or its traceback for a bug); a rank
-    killed by a signal gets a line here. No torchrun failure report, no traceback."""
+    killed by a signal gets a line here (`_rank_failed`). No torchrun failure report, no
+    traceback. A SIGTERM ends this process by that signal (its stage process says it)."""
     import logging
 
     from torch.distributed import run as torch_run
@@ -421,7 +518,14 @@ def _launch(argv: list[str]) -> int:
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
-    errors = _errors_folder()
+    try:
+        errors = _errors_folder()
+    except OSError as exc:  # a full or read-only temp dir: no launch
+        why = refused(exc)
+        if why is None:
+            raise
+        return report(UserError(why))
+    terminated = False
     try:
         interrupts.release()  # a Ctrl-C held since this process started (stages/__init__.py)
         # The ranks end with this process (stages/__init__.py): torchrun starts them from
@@ -433,27 +537,39 @@ def _launch(argv: list[str]) -> int:
         torch_run.run(torch_run.parse_args(["--log-dir", os.path.join(errors, "torchrun"),
                                             *argv]))
     except ChildFailedError as exc:
-        _report_rank_errors(Path(errors))
-        rank, failure = exc.get_first_failure()
-        if failure.exitcode == -signal.SIGINT:  # Ctrl-C (interrupts.fatal): `torchrun` says so
-            return 130
-        if failure.exitcode >= 0:
-            return failure.exitcode
-        try:
-            name = signal.Signals(-failure.exitcode).name
-        except ValueError:
-            name = f"signal {-failure.exitcode}"
-        console.print(f"[bold red]error:[/] rank {rank} (pid {failure.pid}) was killed by {name}, "
-                      "so the others were stopped: run the same command again to resume",
-                      highlight=False)
-        return 128 - failure.exitcode
+        return _rank_failed(exc, Path(errors))
     except SignalException as exc:  # Ctrl-C or a kill: torchrun handed it to the ranks
+        # SIGTERM under datm's own launch: end by it, once the ranks have gone, so that the
+        # stage process says it in one line, whoever sent it (`_launch_ended`)
+        terminated = int(exc.sigval) == signal.SIGTERM and bool(os.environ.get(OWN_LAUNCH_ENV))
         return 128 + int(exc.sigval)
     except KeyboardInterrupt:  # Ctrl-C before torchrun took over the signals: no rank yet
         return 130  # `torchrun`, which started this process, says so
     finally:
         shutil.rmtree(errors, ignore_errors=True)
+        if terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
     return 0
+
+
+def _rank_failed(exc, errors: Path) -> int:
+    """The launch's one line and exit code when a rank failed (torchrun's ChildFailedError): a
+    rank killed by a signal is the cause, and the others' "lost the other processes" only its
+    consequence, so its line alone; else the ranks' saved error line; Ctrl-C says nothing."""
+    failures = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
+    killed = [(rank, f) for rank, f in failures if f.exitcode < 0 and f.exitcode != -signal.SIGINT]
+    rank, failure = killed[0] if killed else exc.get_first_failure()
+    if not killed:
+        _report_rank_errors(errors)
+    if failure.exitcode == -signal.SIGINT:  # Ctrl-C (interrupts.fatal): `torchrun` says so
+        return 130
+    if failure.exitcode >= 0:
+        return failure.exitcode
+    console.print(f"[bold red]error:[/] rank {rank} (pid {failure.pid}) was killed by "
+                  f"{_signal_name(-failure.exitcode)}, so the others were stopped: run the same "
+                  "command again to resume", highlight=False)
+    return 128 - failure.exitcode
 
 
 def _errors_folder() -> str:

@@ -334,6 +334,7 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
         common.console.print(f"params.yaml is now preset '{preset}' "
                              "(`git checkout params.yaml` restores the default profile)")
     _run(lambda: _check_repro(root))
+    _run(lambda: _make_summary_inputs(root))
     cmd = [dvc, "repro", *(targets or [])] + (["--force"] if force else [])
     common.console.print(f"[dim]$ {' '.join(cmd)}[/]")
     # dvc.yaml runs `python -m stages...`: make that the python datm runs in (the venv's).
@@ -344,6 +345,13 @@ def repro(targets: Annotated[list[str] | None, typer.Argument(help="stages, e.g.
     sys.stderr.flush()
     os.chdir(root)
     os.execve(dvc, cmd, env)
+
+
+def _make_summary_inputs(root: Path) -> None:
+    """The folders the summary stage depends on, empty where no stage fills them: DVC refuses a
+    missing dependency, and `evaluate.cross_ipcs: []` (or decompose_ipcs) leaves one unmade."""
+    for name in ("evaluate", "crossarch", "decompose"):
+        (root / "metrics" / name).mkdir(parents=True, exist_ok=True)
 
 
 def _check_can_run(root: Path, dvc: str) -> None:

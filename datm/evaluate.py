@@ -97,7 +97,7 @@ def train_and_test(spec: NetSpec, x: torch.Tensor, targets: torch.Tensor, lr: fl
             opt.step()
         sched.step()
         if not bool(torch.isfinite(loss)):  # once an epoch: a check per step would sync a GPU
-            raise UserError(f"an evaluation network diverged (loss {float(loss)}) in epoch "
+            raise UserError(f"an evaluation network diverged (loss {float(loss.detach())}) in epoch "
                             f"{epoch + 1} at lr {lr:.4g}: lower the evaluation lr (evaluate.lr, "
                             "lr_scale or random_lr), or the set is broken")
         if callback:

@@ -615,7 +615,13 @@ def card_markdown(card: dict, snippet: str | None = None) -> str:
     else:
         lines.append(f"- `images.{fmt}`: train on `inputs`; `images` are the pixels.")
     lines += ["", "## Distillation settings", "", "```json",
-              json.dumps(card.get("settings", {}), indent=2), "```", "", "## Train on it", ""]
+              json.dumps(card.get("settings", {}), indent=2), "```", ""]
+    if card.get("trajectories"):
+        lines += ["## Trajectories matched", "",
+                  "The experts, how often their parameters were recorded, the window (in "
+                  "snapshots) and the expert SGD steps one student step covers:", "", "```json",
+                  json.dumps(card["trajectories"], indent=2), "```", ""]
+    lines += ["## Train on it", ""]
     if snippet:
         lines += ["Without datm: `reproduce.py` (below) needs only torch, numpy and safetensors "
                   "(Pillow for png, torchvision for `--torchvision`) and follows the recipe "

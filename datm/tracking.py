@@ -243,7 +243,7 @@ class Tracker:
             return
         self.flush()
         status = "FINISHED" if exc_type is None else (
-            "KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+            "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
         self.client.set_terminated(self.run_id, status=status)
         if self.parent_id:  # the pipeline's state is its last stage's, until the next one
             self.client.set_terminated(self.parent_id, status=status)

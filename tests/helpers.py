@@ -131,8 +131,10 @@ def tiny_params(name: str = "fashion_mnist", root: str = "standin", zca: bool = 
         "augment": {"strategy": "color_crop_cutout_scale_rotate"},
         # compile off: 10-30 s per process to compile pays for nothing on these sizes
         # (tests/test_compiled.py runs it)
+        # no decay tail and a snapshot per epoch, so the tests' 2-3 epoch experts fit their
+        # windows (tests/test_snapshots.py runs the tail and save_every)
         "buffers": {"num_experts": 2, "epochs": 3, "lr": 0.05, "batch": 32, "group": 1,
-                    "compile": False},
+                    "compile": False, "decay_epochs": 0, "save_every": 0},
         "distill": {
             "ipcs": [1, 2],
             "defaults": {"iterations": 3, "threshold": 10.0, "mode": "recompute",
@@ -170,7 +172,9 @@ def project_files() -> list[str]:
     """The repository's files as a checkout would have them (tracked and new, not ignored)."""
     out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
-    skip = ("tests/", ".dvc/", ".ci/")
+    # the default run's committed results (dvc.lock, metrics/, reports/) are not the project's
+    # sources: a test project makes its own
+    skip = ("tests/", ".dvc/", ".ci/", "dvc.lock", "metrics/", "reports/")
     return [f for f in out.splitlines()
             if f and not f.startswith(skip) and (REPO / f).is_file()
             and (REPO / f).stat().st_size < 5_000_000]  # no stray data files

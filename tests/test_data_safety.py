@@ -81,7 +81,7 @@ def test_a_bad_net_setting_keeps_every_finished_expert(tmp_path, key, value, fra
 
 
 @pytest.mark.parametrize("change, fragment", [
-    ({"buffers": {"epochs": 1}}, "reads expert epochs up to T+ - 1 + M = 2"),
+    ({"buffers": {"epochs": 1}}, "reads expert snapshots up to T+ - 1 + M = 2"),
     ({"distill": {"defaults": {"label_epoch": 5}}}, "label_epoch 5 is past the experts' last"),
 ])
 def test_a_setting_a_later_stage_refuses_never_replaces_the_experts(tmp_path, change, fragment,

@@ -341,8 +341,10 @@ def test_a_lossless_export_evaluates_exactly_as_the_distilled_set(far_out, monke
     ev = pipeline.evaluate_ipc(params, paths, 2)
     folder = pipeline.export_ipc(params, paths, 2, fmt, root / f"export-{fmt}", force=True)
     result = pipeline.evaluate_from(params, paths, folder)
-    dist, _, exported = spy.calls
+    dist, init, _, exported = spy.calls  # distilled, its initialization, random real, export
     tensors, _ = pipeline.load_distilled(paths.distilled(2))
+    assert torch.equal(init["x"], tensors["init_images"])
+    assert torch.equal(init["targets"], tensors["init_labels"])
     assert torch.equal(exported["x"], dist["x"]) and torch.equal(dist["x"], tensors["images"])
     assert torch.equal(exported["targets"], dist["targets"])
     assert exported["lr"] == dist["lr"] == pytest.approx(float(tensors["lr"][0]))

@@ -11,10 +11,10 @@ from datm.config import load_params
 
 # IPC: (window, N syn_steps, M expert_epochs, batch_syn, lr_img, lr_y, iterations)
 DISTILL = {
-    1: ("auto", 10, 1, 10, 1000, 5, 300),
-    10: ("auto", 20, 1, 50, 100, 2, 200),
-    50: ("auto", 20, 1, 100, 100, 2, 150),
-    1000: ("auto", 10, 1, 200, 50, 10, 20),
+    1: ("auto", 10, 2, 10, 1000, 5, 300),
+    10: ("auto", 20, 2, 50, 100, 2, 200),
+    50: ("auto", 20, 2, 100, 100, 2, 150),
+    1000: ("auto", 10, 2, 200, 50, 10, 20),
 }
 # IPC: (init, labels, learn_labels, label_epoch)
 INIT = {
@@ -44,7 +44,12 @@ def test_data_network_and_experts(profile):
     assert (p.net.width, p.net.depth, p.net.norm) == (32, 3, "instance")
     b = p.buffers
     assert (b.num_experts, b.epochs, b.lr, b.schedule, b.batch, b.momentum, b.rho, b.group,
-            b.compile) == (3, 8, 0.1, "cosine", 64, 0.0, 0.0, 1, True)
+            b.compile) == (3, 8, 0.1, "constant", 64, 0.0, 0.0, 1, True)
+    assert (b.decay_epochs, b.save_every) == (3, 100)
+    # the windows, M and the soft labels are read in these snapshots (tests/test_snapshots.py)
+    assert b.snapshot_steps(937)[:3] == [0, 100, 200] and b.matchable(937) == 46
+    for d in (p.distill(i) for i in (1, 10, 50, 1000)):
+        assert (d.segment_lr, d.sequential) == (True, True)
 
 
 @pytest.mark.parametrize("ipc", sorted(DISTILL))

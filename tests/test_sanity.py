@@ -63,9 +63,9 @@ def test_set_problem_names_the_setting_to_lower():
     start = (images, labels, lr)
     assert set_problem(images, labels, lr, start) is None
     assert set_problem(images * float("nan"), labels, lr, start)[0] == "lr_img"
-    assert set_problem(images * 101, labels, lr, start)[0] == "lr_img"
-    assert set_problem(images * 99, labels, lr, start) is None
-    assert set_problem(images, labels * 1001, lr, start)[0] == "lr_y"
+    assert set_problem(images * 1001, labels, lr, start)[0] == "lr_img"
+    assert set_problem(images * 999, labels, lr, start) is None
+    assert set_problem(images, labels * 10001, lr, start)[0] == "lr_y"
     assert set_problem(images, labels * float("inf"), lr, start)[0] == "lr_y"
     assert set_problem(images, labels, torch.tensor(-1e-3), start)[0] == "lr_lr"
     assert set_problem(images, labels, torch.tensor(11.0), start)[0] == "lr_lr"
@@ -104,3 +104,22 @@ def test_a_buffer_read_refuses_a_diverged_row(tmp_path, tiny_data):
     cfg = DistillConfig(ipc=1, max_start_epoch=1, expert_epochs=1)
     with pytest.raises(artifacts.ArtifactError):
         Distiller.create(cfg, buffer, x, y, helpers.TINY_AUG).step()
+
+
+@pytest.mark.slow
+def test_datm_repro_runs_a_fresh_project_without_crossarch_or_decompose_stages(tmp_path):
+    """evaluate.cross_ipcs: [] and decompose_ipcs: [] are valid settings: on a fresh project
+    (no metrics/ folders yet) `datm repro` runs through the summary."""
+    root = helpers.copy_project(tmp_path / "p")
+    helpers.make_fashion_mnist(root / "standin", n_train=120, n_test=40)
+    params = helpers.tiny_params("fashion_mnist", "standin")
+    params["distill"]["ipcs"] = [1]
+    params["evaluate"]["cross_ipcs"] = params["evaluate"]["decompose_ipcs"] = []
+    params["launch"] = {stage: 1 for stage in params["launch"]}
+    helpers.write_params(root, params)
+    helpers.git_commit_all(root)
+    assert not (root / "metrics").exists()
+    result = helpers.datm("repro", cwd=root, timeout=600)
+    assert result.returncode == 0, helpers.describe(result)
+    assert "crossarch" not in helpers.ran_stages(result.stdout)
+    assert (root / "reports" / "summary.md").is_file()

@@ -22,7 +22,8 @@ from datm.export import ExportError
 def tiny_raw(eps: float = 0.1, **buffers) -> dict:
     raw = helpers.tiny_params()
     raw["zca"]["eps"] = eps
-    raw["buffers"].update({"num_experts": 2, "epochs": 2, "batch": 16, **buffers})
+    raw["buffers"].update({"num_experts": 2, "epochs": 2, "batch": 16, "decay_epochs": 0,
+                           **buffers})
     raw["evaluate"].update({"epochs": 1})
     for table in raw["distill"]["ipc"].values():
         table["batch_syn"] = 3

@@ -61,7 +61,8 @@ def export_ipc(params: Params, paths: Paths, ipc: int, fmt: str, out: Path, forc
     # the card's recipe as evaluate@IPC records the one it measured under
     stated = measured_recipe(params, _recipe_of(params, ipc), recipe["lr"], device, threads)
     card = {"dataset": meta.get("dataset") or params.data.name, "ipc": ipc,
-            "settings": meta.get("settings"), "spec": meta.get("spec"), "git_commit": git_commit,
+            "settings": meta.get("settings"), "trajectories": meta.get("trajectories"),
+            "spec": meta.get("spec"), "git_commit": git_commit,
             "zca": meta.get("zca"), "mean": meta["mean"], "std": meta["std"],
             "iterations": meta.get("iteration"), "preprocessing": _preprocessing(paths, meta),
             "recipe": recipe, "set_digest": set_digest(tensors),

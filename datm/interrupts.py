@@ -124,12 +124,29 @@ def hold() -> None:
     _held.append((catch, caught))
 
 
-def release() -> None:
-    """End `hold` (if in force); raise KeyboardInterrupt if a Ctrl-C came meanwhile."""
+def release(*, children_held: bool = False) -> None:
+    """End `hold` (if in force); raise KeyboardInterrupt if a Ctrl-C came meanwhile.
+
+    children_held: SIGINT stays blocked in this thread, so that the processes it starts from
+    now on hold a Ctrl-C from their first instruction as this one did (a rank's Python start-up
+    runs imports before stages/__init__.py can hold one, and a KeyboardInterrupt there is a
+    traceback); a thread of its own takes SIGINT for this process instead, and Python runs the
+    handler in the main thread as ever.
+    """
     if not _held:
         return
     catch, caught = _held.pop()
-    if _MASKS:  # a pending SIGINT reaches `catch` within this call (Python checks at once)
+    if _MASKS and children_held:
+        taking = threading.Event()
+
+        def take() -> None:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            taking.set()
+            threading.Event().wait()
+
+        threading.Thread(target=take, name="datm-sigint", daemon=True).start()
+        taking.wait()
+    elif _MASKS:  # a pending SIGINT reaches `catch` within this call (Python checks at once)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if signal.getsignal(signal.SIGINT) is catch:  # not replaced meanwhile by someone's own
         signal.signal(signal.SIGINT, signal.default_int_handler)

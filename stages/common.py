@@ -200,7 +200,9 @@ def guarded(fn: Callable[[], object], announce: bool = True) -> int:
     if not launched():
         interrupts.terminate_gently()
     try:
-        interrupts.release()  # a Ctrl-C held since this process started (stages/__init__.py)
+        # a Ctrl-C held since this process started (stages/__init__.py); the ranks, started
+        # with it blocked, hold one through their own start-up in turn
+        interrupts.release(children_held=True)
         try:
             fn()
         except (RuntimeError, MemoryError) as exc:
@@ -527,7 +529,9 @@ def _launch(argv: list[str]) -> int:
         return report(UserError(why))
     terminated = False
     try:
-        interrupts.release()  # a Ctrl-C held since this process started (stages/__init__.py)
+        # a Ctrl-C held since this process started (stages/__init__.py); the ranks, started
+        # with it blocked, hold one through their own start-up in turn
+        interrupts.release(children_held=True)
         # The ranks end with this process (stages/__init__.py): torchrun starts them from
         # this thread, as its children, with the environment of this process.
         os.environ[LAUNCHER_ENV] = str(os.getpid())

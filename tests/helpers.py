@@ -312,7 +312,7 @@ def check_every_artifact(root: Path, ran: set[str], name: str, shape: tuple[int,
         ev = json.loads((root / f"metrics/evaluate/ipc_{ipc}.json").read_text())
         assert ev["ipc"] == ipc and 0 <= ev["distilled"] <= 1 and 0 <= ev["random_real"] <= 1
         assert ev["full_dataset"] is not None
-        assert [r["set"] for r in ev["runs"]] == ["distilled", "random real"]
+        assert [r["set"] for r in ev["runs"]] == ["distilled", "initialization", "random real"]
         assert {r["batch"] for r in ev["runs"]} == {params["evaluate"]["batch"]}
     full = json.loads((root / "metrics/buffers.json").read_text())  # the experts: the full set
     assert full["full_dataset"] == sum(r["acc"] for r in full["runs"]) / 2 == ev["full_dataset"]

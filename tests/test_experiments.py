@@ -230,16 +230,17 @@ def test_evaluate_reads_the_baseline_of_its_protocol(tmp_path, monkeypatch):
 
     monkeypatch.setattr(protocol, "evaluate_set", spy)
     ev = pipeline.evaluate_ipc(params, paths, 1)
-    assert len(trained) == 1, "evaluate trained the random real subset again"
+    # the distilled set and the set it started from; the random real subset comes from the baseline
+    assert len(trained) == 2, "evaluate trained the random real subset again"
     assert ev["random_real"] == base["random_real"]
-    assert [r["set"] for r in ev["runs"]] == ["distilled", "random real"]
+    assert [r["set"] for r in ev["runs"]] == ["distilled", "initialization", "random real"]
 
     # another recipe: the stored baseline is not that protocol's, so evaluate trains its own
     raw["evaluate"]["random_lr"] = 0.02
     other = Params.from_dict(yaml.safe_load(yaml.safe_dump(raw)))
     trained.clear()
     ev = pipeline.evaluate_ipc(other, paths, 1)
-    assert len(trained) == 2 and ev["runs"][-1]["lr"] == 0.02
+    assert len(trained) == 3 and ev["runs"][-1]["lr"] == 0.02
     assert json.loads(baseline_path(paths, 1).read_text()) == stored  # not evaluate's file
 
 

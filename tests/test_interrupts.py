@@ -205,6 +205,43 @@ def test_a_ctrl_c_at_any_moment_of_a_two_process_distill_is_130_and_one_line(tmp
         assert not paths.distilled(2).exists()
 
 
+SLOW_RANK_START = """import os
+if "DATM_LAUNCHER_PID" in os.environ:  # a rank: its Python start-up slow, as on a busy machine
+    import time
+    for _ in range(30):
+        time.sleep(0.05)
+        import json  # noqa: F401  (an import, where a KeyboardInterrupt would be a traceback)
+"""
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_while_the_ranks_start_python_is_130_and_one_line(tmp_path):
+    """The ranks' Python start-up (site, .pth files) runs before stages/__init__.py can hold a
+    Ctrl-C; made 1.5 s long here, as a loaded CI machine makes it. The launch starts them with
+    SIGINT blocked: before, torchrun handed them the Ctrl-C and one printed a traceback."""
+    raw = helpers.tiny_params()
+    raw["launch"]["distill"] = 2
+    paths = helpers.tiny_project(tmp_path / "project", raw)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_RANK_START)
+    env = helpers.base_env(PYTHONPATH=f"{site}{os.pathsep}{helpers.REPO}")
+    for delay in (2.5, 3.5):
+        log = tmp_path / f"run_{delay}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([helpers.DATM, "distill", "--ipc", "2"],
+                                    cwd=tmp_path / "project", stdout=out,
+                                    stderr=subprocess.STDOUT, env=env,
+                                    preexec_fn=helpers.default_sigint)
+        try:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+        finally:
+            code = helpers.finish(proc, timeout=120)
+        assert_one_interrupted_line(code, log.read_text(), when=f"SIGINT {delay} s after:\n")
+        assert not paths.distilled(2).exists()
+
+
 def test_a_ctrl_c_between_a_commands_guarded_steps_is_130_and_one_line(monkeypatch):
     """A Ctrl-C that leaves a command (one while it imports its stage, or before a launch has
     taken the signal over) ends as a guarded step ends one. Typer alone turns it into exit

@@ -219,7 +219,8 @@ def test_dvc_metrics_show_one_narrow_row_per_ipc(e2e):
     columns = {k for row in rows.values() for k, v in row.items() if not isinstance(v, list)}
     assert columns == {"ipc", "distilled", "distilled_std", "random_real", "random_real_std",
                        "full_dataset", "full_dataset_std", "gap_to_full", "train_fraction",
-                       "matching_loss", "experts", "epochs", "env"}, sorted(columns)
+                       "matching_loss", "experts", "epochs", "env", "init", "init_std",
+                       "matching_gain"}, sorted(columns)
     # the versions that computed the numbers: DVC shows them as env.torch, env.torchvision ...
     assert {"torch", "torchvision", "device", "threads"} == set(rows["metrics/buffers.json"]["env"])
     for row in per_ipc.values():

@@ -100,24 +100,40 @@ def interrupted_reads(read, tries: int = 300) -> dict[str, int]:
     """Run `read` repeatedly with a Ctrl-C timed to land at ~100 points inside it (an interval
     timer whose handler sends SIGINT, as a terminal would); what each try ended with."""
     outcomes: dict[str, int] = {}
-    previous = signal.signal(signal.SIGALRM, lambda *_: ctrl_c())
+    armed = [False]
+
+    def alarm(*_: object) -> None:
+        if armed[0]:  # a timer that fired as the try ended sends nothing once it is disarmed
+            ctrl_c()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
     try:
         for i in range(tries):
             try:
-                signal.setitimer(signal.ITIMER_REAL, 1e-5 + 2e-5 * (i % 100))
-                for _ in range(30):
-                    read()
-                outcome = "finished"
-            except KeyboardInterrupt:
+                outcome = one_interrupted_read(read, armed, 1e-5 + 2e-5 * (i % 100))
+            except KeyboardInterrupt:  # sent just as the reads ended, raised while disarming
                 outcome = "interrupted"
-            except artifacts.ArtifactError as exc:
-                outcome = f"ArtifactError: {exc}"
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     return outcomes
+
+
+def one_interrupted_read(read, armed: list[bool], delay: float) -> str:
+    armed[0] = True
+    signal.setitimer(signal.ITIMER_REAL, delay)
+    try:
+        for _ in range(30):
+            read()
+        return "finished"
+    except KeyboardInterrupt:
+        return "interrupted"
+    except artifacts.ArtifactError as exc:
+        return f"ArtifactError: {exc}"
+    finally:
+        armed[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 @pytest.mark.parametrize("reader", ["load", "load_rows", "read_meta"])

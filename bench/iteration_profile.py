@@ -64,7 +64,7 @@ def cpu_model() -> str:
 
 
 def _spec() -> NetSpec:
-    # as datm.steps.project.net_spec builds it for the profile: NetSpec(c, classes, h, ...)
+    # as datm.pipeline.project.net_spec builds it for the profile: NetSpec(c, classes, h, ...)
     return NetSpec(1, 10, 28, width=32, depth=3, norm="instance")
 
 

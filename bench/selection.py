@@ -22,8 +22,8 @@ import torch
 from bench.common import table
 from datm import data, evaluate
 from datm.config import AugConfig, EvalConfig
-from datm.distill import expert_judgement, expert_logits
 from datm.experts import ExpertBuffer
+from datm.initialization import expert_judgement, expert_logits
 from datm.networks import FlatModel
 from datm.zca import ZCA
 

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from stages import common
+from stages import common, launch
 
 
 class _Commands(TyperGroup):
@@ -98,7 +98,7 @@ def _warn_tracked(stage: str | None, root: Path) -> None:
 def _start(start, stage: str | None, root: Path) -> None:
     """Run a stage by hand as the processes params.yaml's launch section (or DATM_RANKS) asks
     for: `start()` runs one in this process, several as `python -m stages...` under torchrun
-    (stages/common.py); then warn as `_run` does."""
+    (stages/launch.py); then warn as `_run` does."""
     code = start()
     if code:
         raise typer.Exit(code)
@@ -192,7 +192,7 @@ def evaluate(ipc: Annotated[int | None, typer.Option(help="evaluate this distill
         _start(lambda: stage.start("evaluate", ipc, str(params), str(root)), f"evaluate@{ipc}",
                root)
     else:
-        from datm.steps.export import FromOptions
+        from datm.pipeline.export import FromOptions
         from stages import export as from_stage
 
         _start(lambda: from_stage.start_from(from_, FromOptions(zca, lr), record, str(params),
@@ -356,7 +356,7 @@ def _make_summary_inputs(root: Path) -> None:
 
 def _check_can_run(root: Path, dvc: str) -> None:
     """What stops `datm repro` whatever params.yaml says, refused before --preset replaces it:
-    no folder, no DVC, or DATM_RANKS, which no stage accepts under DVC (stages/common.py)."""
+    no folder, no DVC, or DATM_RANKS, which no stage accepts under DVC (stages/launch.py)."""
     from datm.errors import UserError
 
     if not root.is_dir():
@@ -364,9 +364,9 @@ def _check_can_run(root: Path, dvc: str) -> None:
     if not (os.path.isfile(dvc) and os.access(dvc, os.X_OK)):
         raise UserError("dvc is not installed in this environment: `pip install -e "
                         "'.[pipeline]'` (scripts/setup.sh installs it)")
-    if os.environ.get(common.RANKS_ENV, "").strip():
-        raise UserError(f"{common.RANKS_ENV} does not apply to `datm repro` (DVC runs the "
-                        f"stages): set launch.<stage> in params.yaml and unset {common.RANKS_ENV}")
+    if os.environ.get(launch.RANKS_ENV, "").strip():
+        raise UserError(f"{launch.RANKS_ENV} does not apply to `datm repro` (DVC runs the "
+                        f"stages): set launch.<stage> in params.yaml and unset {launch.RANKS_ENV}")
 
 
 def _check_repro(root: Path) -> None:
@@ -528,7 +528,7 @@ def status(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -
     from rich.table import Table
 
     from datm import artifacts, pipeline
-    from datm.steps.evaluate import baseline_path
+    from datm.pipeline.evaluate import baseline_path
 
     def go() -> None:
         p, pa = common.load(str(params)), common.paths(root)

@@ -10,9 +10,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
-import sysconfig
 import types
 import typing
 from dataclasses import asdict, dataclass
@@ -329,7 +326,7 @@ class ExpertConfig:
 @dataclass(frozen=True)
 class LaunchConfig:
     """Processes per stage on this machine (`launch`): a stage given W > 1 re-runs itself under
-    torchrun (stages/common.py). Any W gives the same outputs at the same threads per process,
+    torchrun (stages/launch.py). Any W gives the same outputs at the same threads per process,
     but on a CPU W sets those threads (cores / W), which change float rounding: so each count
     is a DVC param of its stage."""
 
@@ -731,17 +728,6 @@ def _snapshot_counts(params: Params) -> tuple[int, int] | None:
         return None
     steps_per_epoch = images // min(cfg.batch, images)
     return cfg.matchable(steps_per_epoch), len(cfg.snapshot_steps(steps_per_epoch)) - 1
-
-
-def compiler_missing() -> str | None:
-    """Why torch.compile cannot run on this machine, or None: inductor builds its kernels with
-    a C++ compiler against Python's headers (on a CPU; Triton's launcher needs them on a GPU)."""
-    names = [os.environ.get("CXX"), "c++", "g++", "clang++"]
-    if not any(name and shutil.which(name) for name in names):
-        return "no C++ compiler on PATH (c++, g++, clang++ or $CXX)"
-    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
-        return "no Python headers (Python.h: Debian's python3-dev)"
-    return None
 
 
 def _check_bool(name: str, value: object) -> None:

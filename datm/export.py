@@ -40,7 +40,7 @@ import torch
 from . import artifacts, locks
 from .data import DataError, open_image
 from .errors import UserError
-from .sets import HandedSet, one_line
+from .handed import HandedSet, one_line
 from .zca import ZCA
 
 FORMATS = ("safetensors", "pt", "npz", "png")

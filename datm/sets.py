@@ -17,14 +17,15 @@ learned lr if it has one, and the notes of what was assumed, which the evaluatio
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import export
 from .data import IMAGE_SUFFIXES, DataError, read_image
 from .errors import UserError
+from .handed import HandedSet, one_line
 
 DATM_IMAGES = "images_best.pt"
 DATM_LABELS = "labels_best.pt"
@@ -35,31 +36,6 @@ class SetError(UserError):
     """A folder that holds no set datm can read, or one that does not fit the pipeline."""
 
 
-@dataclass
-class HandedSet:
-    kind: str                      # "datm export" | "DATM .pt" | "image folder"
-    targets: torch.Tensor          # label logits [N, K] (soft) or class ids [N] (hard)
-    class_ids: torch.Tensor        # [N]: the class each image stands for
-    inputs: torch.Tensor | None = None   # network inputs (model space), exactly
-    pixels: torch.Tensor | None = None   # or pixels on the [0, 1] scale, to preprocess
-    lr: float | None = None        # the set's learned lr, if it has one
-    card: dict = field(default_factory=dict)  # a datm export's dataset_card.json
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def soft(self) -> bool:
-        return self.targets.dtype.is_floating_point
-
-    @property
-    def images(self) -> torch.Tensor:
-        return self.inputs if self.inputs is not None else self.pixels
-
-    def per_class(self, num_classes: int) -> int | None:
-        """Images per class when every class has the same number (an IPC), else None."""
-        counts = torch.bincount(self.class_ids, minlength=num_classes)
-        return int(counts[0]) if bool((counts == counts[0]).all()) else None
-
-
 def read_set(folder: str | Path, classes: list[str], shape: tuple[int, int, int]) -> HandedSet:
     """The set in `folder`, for a pipeline whose data has `classes` and images of `shape`."""
     folder = Path(folder)
@@ -67,8 +43,6 @@ def read_set(folder: str | Path, classes: list[str], shape: tuple[int, int, int]
         raise SetError(f"{folder} is not a folder: pass a datm export, a folder holding "
                        f"{DATM_IMAGES} and {DATM_LABELS}, or an image folder (one subfolder "
                        "per class)")
-    from . import export  # its layout's reader; it writes what this module reads back
-
     if (folder / export.CARD).is_file():
         found = export.read(folder)
     elif (folder / DATM_IMAGES).is_file():
@@ -147,18 +121,6 @@ def _load_pt(path: Path) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise SetError(f"{path} must hold a tensor, got {type(value).__name__}")
     return value.detach()
-
-
-def one_line(exc: BaseException) -> str:
-    """Why a file could not be read, in one line: torch.load's weights_only refusal is
-    paragraphs of advice (one of which suggests running the file's code) around its reason."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if lines and lines[0].startswith("Weights only load failed"):
-        reason = next((line for line in lines[1:] if not line.startswith(
-            ("Please file", "Check the documentation", "WeightsUnpickler error"))), "")
-        return ("not a tensor file torch.load reads safely (weights_only)"
-                + (f": {reason}" if reason else ""))
-    return f"{type(exc).__name__}: {lines[0] if lines else 'unreadable'}"
 
 
 def _key(name: str) -> str:

@@ -1,12 +1,13 @@
 """The pipeline's stages: each is `python -m stages.<name>` (what dvc.yaml runs), with the
-functions the `datm` CLI calls; stages/common.py has what they share."""
+functions the `datm` CLI calls; stages/common.py has what they share, stages/launch.py runs
+one as several processes."""
 
 import os
 import signal
 import sys
 
-# Under datm's own launch (stages.common.torchrun) each process names the pid of the process
-# that started it: the launch (`python -m stages.common`) its stage process, a rank the launch.
+# Under datm's own launch (stages.launch.torchrun) each process names the pid of the process
+# that started it: the launch (`python -m stages.launch`) its stage process, a rank the launch.
 STARTER_ENV = "DATM_STARTER_PID"    # for the launch, set by its stage process
 LAUNCHER_ENV = "DATM_LAUNCHER_PID"  # for the ranks, set by the launch
 

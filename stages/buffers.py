@@ -1,7 +1,8 @@
-"""Stage buffers: train the expert trajectories -> artifacts/buffers/expert_*.safetensors.
+"""`python -m stages.buffers` (dvc.yaml) and `datm buffers`: the process around the step
+datm/pipeline/buffers.py, with a progress bar per expert and its MLflow run.
 
-Finished experts are kept: a killed run resumes at the next unfinished expert. With
-`launch.buffers` W > 1 the experts are dealt out to W processes (the same files as one).
+A killed run resumes at the next unfinished expert. With `launch.buffers` W > 1 the experts are
+dealt out to W processes (the same files as one).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import sys
 from dataclasses import asdict
 
 from datm.distributed import SINGLE, Group
-from datm.steps.buffers import buffers
-from datm.steps.project import write_json
-from stages import common
+from datm.pipeline.buffers import train_experts
+from datm.pipeline.project import write_json
+from stages import common, launch
 
 
 def run(params: str = "params.yaml", root: str = ".", group: Group = SINGLE) -> dict:
@@ -46,7 +47,7 @@ def run(params: str = "params.yaml", root: str = ".", group: Group = SINGLE) -> 
                 bar.console.print(f"expert {e['index']}: test acc "
                                   f"{e['meta']['test_acc'][-1]:.4f} in {e['seconds']:.0f}s")
 
-        summary, timing = buffers(p, pa, on_event, group=group)
+        summary, timing = train_experts(p, pa, on_event, group=group)
         bar.update(task, completed=len(summary["runs"]))  # the other processes' experts too
         for row in summary["runs"]:  # their curves, from their files (rank 0 alone logs)
             k = row["expert"]
@@ -75,8 +76,8 @@ def run(params: str = "params.yaml", root: str = ".", group: Group = SINGLE) -> 
 
 def start(params: str = "params.yaml", root: str = ".") -> int:
     """The stage as `launch.buffers` (or DATM_RANKS) processes, at most one per expert batch
-    (stages/common.py); its exit code."""
-    return common.start("buffers", "stages.buffers", ["--params", params, "--root", root],
+    (stages/launch.py); its exit code."""
+    return launch.start("buffers", "stages.buffers", ["--params", params, "--root", root],
                         lambda group: run(params, root, group), params,
                         most=lambda p: -(-p.buffers.num_experts // p.buffers.group))
 

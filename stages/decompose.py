@@ -1,8 +1,6 @@
-"""Stage decompose@<ipc>: where an IPC's gain comes from, its images or its labels.
-
-`python -m stages.decompose --ipc N` trains the distilled images with hard labels and a random
-real subset with the experts' soft labels, beside evaluate@N's and baseline@N's numbers. With
-`launch.decompose` W > 1 the models are dealt out to W processes (the same accuracies as one).
+"""`python -m stages.decompose --ipc N` (dvc.yaml) and `datm decompose`: the process around
+the step datm/pipeline/decompose.py. With `launch.decompose` W > 1 the models are dealt out to
+W processes (the same accuracies as one).
 """
 
 from __future__ import annotations
@@ -10,8 +8,8 @@ from __future__ import annotations
 import sys
 
 from datm.distributed import SINGLE, Group
-from datm.steps.decompose import decompose_ipc
-from stages import common
+from datm.pipeline.decompose import decompose_ipc
+from stages import common, launch
 from stages.evaluate import measure
 
 KEYS = ("distilled_soft", "distilled_hard", "random_soft", "random_hard", "images_gain",
@@ -35,7 +33,7 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".", group: Group = S
 def start(ipc: int, params: str = "params.yaml", root: str = ".") -> int:
     """The stage as `launch.decompose` (or DATM_RANKS) processes, at most one per model; its
     exit code."""
-    return common.start("decompose", "stages.decompose",
+    return launch.start("decompose", "stages.decompose",
                         ["--ipc", str(ipc), "--params", params, "--root", root],
                         lambda group: run(ipc, params, root, group), params,
                         most=lambda p: p.evaluation(ipc).models)

@@ -1,4 +1,5 @@
-"""Stage distill@<ipc>: DATM for one IPC -> artifacts/distilled/ipc_<ipc>.safetensors.
+"""`python -m stages.distill --ipc N` (dvc.yaml) and `datm distill`: the process around the
+step datm/pipeline/distill.py, with its progress bar, image grids and MLflow run.
 
 Checkpoints go to checkpoints/; running the same command again after a kill resumes there.
 With `launch.distill` W > 1 every mini-batch is split among W processes (mode recompute).
@@ -14,10 +15,10 @@ from pathlib import Path
 from datm import artifacts, locks
 from datm.config import Params, Paths
 from datm.distributed import SINGLE, Group
-from datm.steps.distill import distill
+from datm.pipeline.distill import distill_ipc
 from datm.tracking import Tracker
 from datm.visual import class_grid, save_png
-from stages import common
+from stages import common, launch
 
 
 def _log_grid(tracker: Tracker, holder: dict, name: str, folder: str | None = None) -> None:
@@ -81,7 +82,7 @@ def run(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = Fa
                 if it % cfg.grid_every == 0:
                     _log_grid(tracker, holder, f"grid_{it:06d}.png", "grids")
 
-        summary = distill(p, pa, ipc, on_event, fresh=fresh, group=group)
+        summary = distill_ipc(p, pa, ipc, on_event, fresh=fresh, group=group)
         tracker.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))},
                         summary["iterations"])
         tracker.pipeline_metrics({f"matching_loss.ipc{ipc}": summary["final_loss"]})
@@ -101,10 +102,10 @@ def splits(p: Params, ipc: int) -> int:
 
 
 def start(ipc: int, params: str = "params.yaml", root: str = ".", fresh: bool = False) -> int:
-    """The stage as `launch.distill` (or DATM_RANKS) processes (stages/common.py); its exit
+    """The stage as `launch.distill` (or DATM_RANKS) processes (stages/launch.py); its exit
     code."""
     args = ["--ipc", str(ipc), "--params", params, "--root", root] + (["--fresh"] if fresh else [])
-    return common.start("distill", "stages.distill", args,
+    return launch.start("distill", "stages.distill", args,
                         lambda group: run(ipc, params, root, fresh, group), params,
                         most=lambda p: splits(p, ipc))
 

@@ -1,10 +1,11 @@
-"""Stage download: the configured dataset -> data/{train,test}.safetensors."""
+"""`python -m stages.download` (dvc.yaml) and `datm data`: the process around the step
+datm/pipeline/download.py, with its one-line errors."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 
-from datm.steps.download import download
+from datm.pipeline.download import download_data
 from stages import common
 
 
@@ -13,7 +14,7 @@ def run(params: str = "params.yaml", root: str = ".") -> dict:
     with common.tracker("download", p, root) as tracker:
         tracker.params(asdict(p.data), "data.")
         with common.console.status(f"reading {p.data.name}"):
-            summary = download(p, pa)
+            summary = download_data(p, pa)
         tracker.metrics({"train_images": summary["train_images"],
                          "test_images": summary["test_images"]}, 0)
     common.console.print(f"[green]download:[/] {summary['train_images']} train / "

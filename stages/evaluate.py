@@ -1,11 +1,9 @@
-"""Stages baseline@<ipc>, evaluate@<ipc> and crossarch@<ipc>: accuracy of fresh networks
-trained on each set.
+"""`python -m stages.evaluate --baseline N | --ipc N | --crossarch N` (dvc.yaml) and `datm
+evaluate` / `datm baseline` / `datm crossarch`: the processes around the steps of
+datm/pipeline/evaluate.py, with their progress and MLflow runs.
 
-`python -m stages.evaluate --baseline N` trains on a random real subset of N images per class
-(cached: distill settings do not touch it); `--ipc N` evaluates the distilled set beside that
-baseline and the full-set reference (the experts'); `--crossarch N` both sets on the other
-architectures. With `launch.<stage>` W > 1 the models are
-dealt out to W processes (model k on process k % W; the same accuracies as one).
+With `launch.<stage>` W > 1 the models are dealt out to W processes (model k on process k % W;
+the same accuracies as one).
 """
 
 from __future__ import annotations
@@ -17,9 +15,9 @@ from contextlib import contextmanager
 
 from datm.config import Params
 from datm.distributed import SINGLE, Group
-from datm.steps.evaluate import baseline_ipc, crossarch_ipc, evaluate_ipc
+from datm.pipeline.evaluate import baseline_ipc, crossarch_ipc, evaluate_ipc
 from datm.tracking import Tracker
-from stages import common
+from stages import common, launch
 
 
 def progress_events(tracker: Tracker, bar, task, prefix: str):
@@ -148,12 +146,12 @@ def models(stage: str, p: Params, ipc: int | None) -> int:
 
 def start(stage: str, ipc: int, params: str = "params.yaml", root: str = ".") -> int:
     """`stage` (baseline, evaluate or crossarch) as `launch.<stage>` (or DATM_RANKS)
-    processes, at most one per model (stages/common.py); its exit code."""
+    processes, at most one per model (stages/launch.py); its exit code."""
     flag = {"baseline": ["--baseline", str(ipc)],
             "evaluate": ["--ipc", str(ipc)], "crossarch": ["--crossarch", str(ipc)]}[stage]
     fn = STAGES[stage]
 
-    return common.start(stage, "stages.evaluate", [*flag, "--params", params, "--root", root],
+    return launch.start(stage, "stages.evaluate", [*flag, "--params", params, "--root", root],
                         lambda group: fn(ipc, params, root, group), params,
                         most=lambda p: models(stage, p, ipc))
 

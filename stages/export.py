@@ -1,4 +1,5 @@
-"""`datm export` and `datm evaluate --from`: shells around datm.steps.export (not DVC stages).
+"""`datm export` and `datm evaluate --from` (not DVC stages): the processes around
+datm/pipeline/export.py.
 
 `python -m stages.export --from DIR` is the evaluation of a handed-over set; it runs as
 params.yaml's `launch.evaluate` processes, as evaluate@N does, so that a lossless export of a
@@ -17,9 +18,9 @@ import torch
 from datm.config import Params
 from datm.distributed import SINGLE, Group, launched
 from datm.export import LOSSLESS, record_accuracy
-from datm.steps.export import FromOptions, check_from, describe_result, evaluate_from, export_ipc
+from datm.pipeline.export import FromOptions, check_from, describe_result, evaluate_from, export_ipc
 from datm.tracking import git_commit
-from stages import common
+from stages import common, launch
 from stages.evaluate import progress_events
 
 
@@ -37,18 +38,18 @@ def export(ipc: int, fmt: str, out: str | Path, force: bool = False, root: str =
 
 def evaluation_threads(p: Params, params: str, models: int) -> int | None:
     """The threads per process on a CPU of an evaluation of `models` networks, as
-    `common.start` launches it (evaluate@N, `datm evaluate --from`): one process keeps this
+    `launch.start` launches it (evaluate@N, `datm evaluate --from`): one process keeps this
     one's; several take OMP_NUM_THREADS if set, else an equal share of the cores. A card states
     them: they change the float rounding, so a number holds only for its threads."""
     if p.torch_device().type != "cpu":
         return None
-    world = common.processes("evaluate", params, lambda _: models)
+    world = launch.processes("evaluate", params, lambda _: models)
     if world == 1:
         return torch.get_num_threads()
     try:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
-        return common.core_share(world)
+        return launch.core_share(world)
 
 
 def run_from(folder: str | Path, options: FromOptions = FromOptions(), record: bool = False,
@@ -121,7 +122,7 @@ def start_from(folder: str | Path, options: FromOptions = FromOptions(), record:
     code = 0 if launched() else common.guarded(check)
     if code:
         return code
-    return common.start("evaluate", "stages.export", args,
+    return launch.start("evaluate", "stages.export", args,
                         lambda group: run_from(folder, options, record, params, root, group),
                         params, most=lambda p: models[0] or p.evaluate.models)
 

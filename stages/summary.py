@@ -8,7 +8,7 @@ from pathlib import Path
 
 from datm import artifacts
 from datm.config import Params, Paths
-from datm.steps.project import check_finite, distilled_pixels, load_distilled
+from datm.pipeline.project import check_finite, distilled_pixels, load_distilled
 from datm.tracking import git_commit
 from datm.visual import GRID_PER_CLASS, class_grid, save_png
 from stages import common

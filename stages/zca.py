@@ -1,10 +1,11 @@
-"""Stage zca: fit ZCA whitening on the training images -> artifacts/zca.safetensors."""
+"""`python -m stages.zca` (dvc.yaml) and `datm zca`: the process around the step
+datm/pipeline/zca.py."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 
-from datm.steps.zca import fit_zca
+from datm.pipeline.zca import fit_zca
 from stages import common
 
 

@@ -360,7 +360,7 @@ def tiny_project(root: Path, params: dict, experts: bool = True, **splits):
     parsed = Params.from_dict(yaml.safe_load(yaml.safe_dump(params)))
     pipeline.fit_zca(parsed, paths)
     if experts:
-        pipeline.buffers(parsed, paths)
+        pipeline.train_experts(parsed, paths)
     return paths
 
 

@@ -2,7 +2,7 @@
 
 These run the installed `datm` script in a throw-away folder (a few seconds each: every call
 starts a Python that imports torch). End-to-end commands on a finished pipeline (export,
-evaluate --from, status) are in test_pipeline.py.
+evaluate --from, status) are in test_dvc_repro.py.
 """
 
 from __future__ import annotations

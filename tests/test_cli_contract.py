@@ -284,7 +284,7 @@ with Tracker("distill", root) as tracker:
     tracker.metrics({"d": 1.0}, 0)
     tracker.flush()
 params = Params.from_dict(raw)
-summary = pipeline.distill(params, paths, 1)
+summary = pipeline.distill_ipc(params, paths, 1)
 ev = pipeline.evaluate_ipc(params, paths, 1)
 from stages import distill
 distill.run(2, str(root / "params.yaml"), str(root))

@@ -14,8 +14,8 @@ from test_export_recipe import made, snippet_of  # noqa: F401 (a fixture)
 from datm import evaluate, experts
 from datm.config import ConfigError, EvalConfig, ExpertConfig, Params
 from datm.networks import NetSpec
-from datm.steps.evaluate import measured_recipe
-from datm.steps.export import _recipe
+from datm.pipeline.evaluate import measured_recipe
+from datm.pipeline.export import _recipe
 
 SPEC = NetSpec(channels=1, num_classes=3, im_size=28, width=8, depth=3)
 
@@ -119,7 +119,7 @@ def test_the_profile_switches_parse_and_a_batched_group_is_refused():
 
 def test_without_a_cpp_compiler_a_stage_warns_in_one_line_and_trains_eager(
         tmp_path, monkeypatch, capsys):
-    from stages import common
+    from stages import common, launch
 
     raw = helpers.tiny_params()
     raw["buffers"]["compile"] = True
@@ -128,7 +128,7 @@ def test_without_a_cpp_compiler_a_stage_warns_in_one_line_and_trains_eager(
     assert capsys.readouterr().err == ""
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr("shutil.which", lambda name: None)
-    assert common.processes("buffers", file) == 1  # a stage's launcher looks first: silent
+    assert launch.processes("buffers", file) == 1  # a stage's launcher looks first: silent
     p = common.load(file)
     assert not p.wants_compile
     lines = capsys.readouterr().err.strip().splitlines()

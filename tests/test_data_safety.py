@@ -9,7 +9,7 @@ from pathlib import Path
 import helpers
 import pytest
 import torch
-from test_steps import tiny_raw, write_splits
+from test_pipeline import tiny_raw, write_splits
 
 from datm import artifacts, data, pipeline
 from datm.config import ConfigError, Params, Paths
@@ -32,10 +32,10 @@ def _files(root: Path) -> dict[str, bytes]:
 def _run_all(paths: Paths, raw: dict) -> None:
     params = Params.from_dict(raw)
     pipeline.fit_zca(params, paths)
-    summary, _ = pipeline.buffers(params, paths)
+    summary, _ = pipeline.train_experts(params, paths)
     pipeline.write_json(paths.metrics / "buffers.json", summary)  # what the stage writes
     for ipc in params.ipcs:
-        pipeline.distill(params, paths, ipc)
+        pipeline.distill_ipc(params, paths, ipc)
         pipeline.evaluate_ipc(params, paths, ipc)
 
 
@@ -48,7 +48,7 @@ def _project_with_experts(tmp_path: Path, monkeypatch) -> tuple[Paths, dict, dic
     write_splits(paths)
     raw = tiny_raw()
     pipeline.fit_zca(Params.from_dict(raw), paths)
-    pipeline.buffers(Params.from_dict(raw), paths)
+    pipeline.train_experts(Params.from_dict(raw), paths)
     return paths, raw, {p.name: p.read_bytes() for p in paths.buffers.iterdir()}
 
 
@@ -261,7 +261,7 @@ def test_download_stage_is_byte_reproducible(tmp_path):
     blobs = []
     for name in ("one", "two"):
         paths = Paths(tmp_path / name)
-        pipeline.download(params, paths)
+        pipeline.download_data(params, paths)
         blobs.append((paths.train.read_bytes(), paths.test.read_bytes()))
     assert blobs[0] == blobs[1]
 
@@ -282,7 +282,7 @@ def test_the_same_images_from_another_folder_give_the_same_bytes(tmp_path, monke
         raw = tiny_raw()
         raw["data"]["root"] = root
         paths = Paths(tmp_path / name)
-        summary = pipeline.download(Params.from_dict(raw), paths)
+        summary = pipeline.download_data(Params.from_dict(raw), paths)
         found.append((paths.train.read_bytes(), summary["source"]))
     assert found[0][0] == found[1][0]
     assert found[0][1] != found[1][1]  # the console still says where each came from
@@ -303,9 +303,9 @@ def test_rewriting_unchanged_inputs_invalidates_nothing_downstream(tmp_path):
     train.save(paths.train, "train")
     pipeline.fit_zca(params, paths)
     events: list[dict] = []
-    pipeline.buffers(params, paths, events.append)
+    pipeline.train_experts(params, paths, events.append)
     assert [e for e in events if e["event"] == "expert"] == [], "experts were retrained"
-    summary = pipeline.distill(params, paths, 2)
+    summary = pipeline.distill_ipc(params, paths, 2)
     assert summary["resumed_at"] == summary["iterations"], "the distillation started over"
     after = _files(tmp_path)
     assert after["artifacts/distilled/ipc_2.safetensors"] == \
@@ -380,7 +380,7 @@ def test_a_distilled_set_with_nan_is_not_evaluated(tmp_path):
     raw = tiny_raw()
     paths = helpers.tiny_project(tmp_path, raw)
     params = Params.from_dict(raw)
-    pipeline.distill(params, paths, 1)
+    pipeline.distill_ipc(params, paths, 1)
     tensors, meta = pipeline.load_distilled(paths.distilled(1))
     tensors["images"][0, 0, 0, 0] = float("nan")
     artifacts.save(paths.distilled(1), tensors, "distilled", meta)
@@ -488,7 +488,7 @@ def test_experts_made_by_other_code_are_retrained(tmp_path, monkeypatch):
     monkeypatch.setattr(provenance, "_module_digest",
                         lambda name: "changed" if name == "datm.flat_minimum" else real(name))
     events: list[dict] = []
-    pipeline.buffers(params, paths, events.append)
+    pipeline.train_experts(params, paths, events.append)
     assert [e["index"] for e in events if e["event"] == "expert"] == [0, 1]
 
 
@@ -497,12 +497,12 @@ def test_a_checkpoint_made_by_other_code_is_not_resumed(tmp_path, monkeypatch):
 
     paths = helpers.tiny_project(tmp_path, tiny_raw())
     params = Params.from_dict(tiny_raw())
-    pipeline.distill(params, paths, 1)
-    assert pipeline.distill(params, paths, 1)["resumed_at"] == 3
+    pipeline.distill_ipc(params, paths, 1)
+    assert pipeline.distill_ipc(params, paths, 1)["resumed_at"] == 3
     real = provenance._module_digest
     monkeypatch.setattr(provenance, "_module_digest",
                         lambda name: "changed" if name == "datm.matching" else real(name))
-    assert pipeline.distill(params, paths, 1)["resumed_at"] == 0
+    assert pipeline.distill_ipc(params, paths, 1)["resumed_at"] == 0
 
 
 def test_a_checkpoint_made_on_other_experts_of_the_same_settings_is_not_resumed(tmp_path):
@@ -510,13 +510,13 @@ def test_a_checkpoint_made_on_other_experts_of_the_same_settings_is_not_resumed(
     curves are part of a checkpoint's identity."""
     paths = helpers.tiny_project(tmp_path, tiny_raw())
     params = Params.from_dict(tiny_raw())
-    pipeline.distill(params, paths, 1)
-    assert pipeline.distill(params, paths, 1)["resumed_at"] == 3
+    pipeline.distill_ipc(params, paths, 1)
+    assert pipeline.distill_ipc(params, paths, 1)["resumed_at"] == 3
     first = sorted(paths.buffers.glob("*.safetensors"))[0]
     tensors, meta = artifacts.load(first, "expert")
     meta["test_acc"] = [a + 0.01 for a in meta["test_acc"]]
     artifacts.save(first, tensors, "expert", meta)
-    assert pipeline.distill(params, paths, 1)["resumed_at"] == 0
+    assert pipeline.distill_ipc(params, paths, 1)["resumed_at"] == 0
 
 
 def test_a_random_real_baseline_never_comes_out_smaller_than_asked():

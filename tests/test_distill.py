@@ -18,10 +18,10 @@ from datm.distill import (
     Distiller,
     DistillError,
     check_buffer,
-    initialize,
     upper_bound,
 )
 from datm.experts import ExpertBuffer
+from datm.initialization import InitError, initialize
 from datm.matching import MatchResult
 from datm.networks import FlatModel
 
@@ -127,9 +127,9 @@ def _short_class(tiny_data, keep: int = 3):
 def test_ipc_larger_than_a_class_is_refused(tiny_buffer, tiny_data, init):
     x, y = _short_class(tiny_data, keep=3)
     cfg = DistillConfig(ipc=4, init=init, max_start_epoch=2)
-    with pytest.raises(DistillError, match="class 2 has 3"):
+    with pytest.raises(InitError, match="class 2 has 3"):
         initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(0))
-    with pytest.raises(DistillError):
+    with pytest.raises(InitError):
         Distiller.create(cfg, tiny_buffer, x, y, TINY_AUG)
     # exactly as many as the class has is fine
     images, labels, _ = initialize(replace(cfg, ipc=3), tiny_buffer, x, y,

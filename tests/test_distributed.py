@@ -33,10 +33,11 @@ from helpers import TINY_AUG, TINY_SPEC  # noqa: E402
 
 from datm import distributed  # noqa: E402
 from datm.config import DistillConfig, EvalConfig, ExpertConfig  # noqa: E402
-from datm.distill import Distiller, DistillError, Selection, initialize  # noqa: E402
+from datm.distill import Distiller, DistillError, Selection  # noqa: E402
 from datm.distributed import SINGLE, Group, init_from_env, shard, shard_range  # noqa: E402
 from datm.evaluate import evaluate_set  # noqa: E402
 from datm.experts import ExpertBuffer, train_experts  # noqa: E402
+from datm.initialization import initialize  # noqa: E402
 from datm.matching import make_plan, recompute, unroll  # noqa: E402
 from datm.networks import FlatModel  # noqa: E402
 

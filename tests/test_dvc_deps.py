@@ -46,7 +46,9 @@ def _imports(path: Path) -> set[str]:
             found.add(module)
             # `from datm import pipeline` imports the module datm.pipeline
             found |= {f"{module}.{alias.name}" for alias in node.names}
-    return found
+    # importing datm.pipeline.zca runs datm/pipeline/__init__.py first
+    return found | {".".join(name.split(".")[:i]) for name in found
+                    for i in range(1, name.count(".") + 1)}
 
 
 def code_closure(module: str) -> set[str]:
@@ -100,3 +102,26 @@ def test_closure_follows_lazy_and_relative_imports():
 def test_download_stage_tracks_the_seed_its_split_uses():
     # The imagefolder train/test split is drawn with the top-level seed.
     assert "seed" in _stages()["download"]["params"]
+
+
+def test_no_module_of_the_packages_imports_itself_in_a_circle():
+    """Doors one way (cli -> stages -> datm.pipeline -> core -> config / artifacts -> errors): a
+    circle would make two modules one unit that neither can be read or tested without."""
+    graph = {}
+    for path in sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")):
+        targets = {_module_file(name) for name in _imports(path)}
+        graph[path] = {t for t in targets if t and t != path and t.name != "__init__.py"}
+    done: set[Path] = set()
+
+    def visit(node: Path, trail: list[Path]) -> None:
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in trail:
+                circle = [str(p.relative_to(REPO)) for p in trail[trail.index(nxt):]]
+                pytest.fail(f"import circle: {' -> '.join(circle)} -> {circle[0]}")
+            if nxt not in done:
+                visit(nxt, [*trail, nxt])
+        done.add(node)
+
+    for start in graph:
+        if start not in done:
+            visit(start, [start])

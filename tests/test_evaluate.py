@@ -320,7 +320,7 @@ def far_out(tmp_path_factory):
     raw = round_trip_params()
     paths = helpers.tiny_project(root / "project", raw)
     params = Params.from_dict(raw)
-    pipeline.distill(params, paths, 2)
+    pipeline.distill_ipc(params, paths, 2)
     tensors, meta = pipeline.load_distilled(paths.distilled(2))
     tensors["images"] = tensors["images"] * 4
     artifacts.save(paths.distilled(2), tensors, "distilled", meta)
@@ -391,7 +391,7 @@ def test_a_png_export_is_its_own_set_and_its_card_says_so(far_out, monkeypatch):
 
 
 def pipeline_describe(result: dict) -> str:
-    from datm.steps.export import describe_result
+    from datm.pipeline.export import describe_result
 
     return describe_result(result)
 
@@ -453,7 +453,7 @@ def test_evaluate_ipc_records_each_models_lr_and_recipe(tmp_path):
     raw["evaluate"].update({"epochs": 2, "lr_scale": 3.0, "random_lr": 0.02, "batch": 5})
     paths = helpers.tiny_project(tmp_path, raw)
     params = Params.from_dict(raw)
-    pipeline.distill(params, paths, 1)
+    pipeline.distill_ipc(params, paths, 1)
     learned = float(pipeline.load_distilled(paths.distilled(1))[0]["lr"][0])
     ev = pipeline.evaluate_ipc(params, paths, 1)
     runs = {s: [r for r in ev["runs"] if r["set"] == s] for s in ("distilled", "random real")}
@@ -481,13 +481,13 @@ def test_test_every_reports_an_accuracy_curve(blobs):
 
 
 def test_crossarch_evaluates_the_set_and_a_random_subset_on_each_other_arch(tmp_path):
-    from test_steps import tiny_raw
+    from test_pipeline import tiny_raw
 
     raw = tiny_raw()
     raw["evaluate"].update(cross_archs=[], cross_ipcs=[])
     paths = helpers.tiny_project(tmp_path, raw)
     params = Params.from_dict(raw)
-    pipeline.distill(params, paths, 1)
+    pipeline.distill_ipc(params, paths, 1)
     none = pipeline.crossarch_ipc(params, paths, 1)
     assert none["archs"] == [] and paths.crossarch(1).is_file()  # the stage's output exists
     raw["evaluate"]["cross_archs"] = ["convnet_bn"]
@@ -593,8 +593,8 @@ def test_record_writes_only_a_number_measured_under_the_cards_recipe(far_out, tm
     record_accuracy itself refuses a measurement under another recipe; the card is unchanged."""
     from dataclasses import replace
 
+    from datm.pipeline.export import FromOptions, check_from
     from datm.sets import SetError
-    from datm.steps.export import FromOptions, check_from
 
     root, paths, params = far_out
     folder = pipeline.export_ipc(params, paths, 2, "png", tmp_path / "png")

@@ -6,7 +6,7 @@ file, the warning for a stage run by hand. The slow ones run the real `dvc repro
 `dvc exp run`s on a tiny project (Fashion-MNIST-shaped stand-in, ZCA and MLflow tracking on,
 distill and evaluate under torchrun) and read the result back through its artifacts,
 `dvc exp show`, MLflow's API, `datm status` and `datm plots` (the CIFAR-shaped project with
-tracking off: tests/test_pipeline.py).
+tracking off: tests/test_dvc_repro.py).
 """
 
 from __future__ import annotations
@@ -210,13 +210,13 @@ def test_the_ui_serves_the_artifacts_of_a_moved_project(tmp_path, monkeypatch):
 def test_evaluate_reads_the_baseline_of_its_protocol(tmp_path, monkeypatch):
     from datm import evaluate as protocol
     from datm import pipeline
-    from datm.steps.evaluate import baseline_ipc, baseline_path
+    from datm.pipeline.evaluate import baseline_ipc, baseline_path
 
     raw = helpers.tiny_params()
     raw["evaluate"].update(models=1, epochs=2)
     paths = helpers.tiny_project(tmp_path, raw)
     params = Params.from_dict(yaml.safe_load(yaml.safe_dump(raw)))
-    pipeline.distill(params, paths, 1)
+    pipeline.distill_ipc(params, paths, 1)
     base = baseline_ipc(params, paths, 1)
     stored = json.loads(baseline_path(paths, 1).read_text())
     assert "seconds" not in stored and stored["random_real"] == base["random_real"]
@@ -455,7 +455,7 @@ def test_the_report_the_plots_and_mlflow_carry_exactly_the_metrics_files_numbers
 def test_exp_run_sets_one_ipcs_iterations_without_rerunning_its_baseline(project):
     """A change to one IPC's settings re-runs that IPC's stages and the summary, nothing else
     (`dvc exp run -S` edits params.yaml and runs `dvc repro`; which stage each setting reaches
-    without running: tests/test_pipeline.py)."""
+    without running: tests/test_dvc_repro.py)."""
     from datm import artifacts
 
     result = project.dvc("exp", "run", "-S", "distill.ipc.2.iterations=5", "-n", "more-iters")

@@ -26,7 +26,7 @@ import helpers
 import numpy as np
 import pytest
 import torch
-from test_steps import tiny_raw
+from test_pipeline import tiny_raw
 
 from datm import artifacts, augment, data, networks, pipeline, sets
 from datm.config import AugConfig, Params, Paths
@@ -37,7 +37,7 @@ IPC = 2
 
 
 def recipe_raw() -> dict:
-    """test_steps' tiny params with a network (width 16) and an evaluation (20 one-batch epochs
+    """test_pipeline's tiny params with a network (width 16) and an evaluation (20 one-batch epochs
     at 2x the learned lr, 2 networks) under which every detail of the recipe (augmentation,
     seeds, lr, schedule) moves the accuracy on 300 test images."""
     raw = tiny_raw()
@@ -47,7 +47,7 @@ def recipe_raw() -> dict:
 
 
 def write_learnable_splits(paths: Paths, n_train: int = 60, n_test: int = 300) -> None:
-    """Like test_steps.write_splits, but train and test from ONE draw (the same class patterns),
+    """Like test_pipeline.write_splits, but train and test from ONE draw (the same class patterns),
     so that networks score above chance and a wrong recipe shows in the number."""
     images, labels = helpers.learnable_uint8(n_train + n_test, 3, 1, 8, seed=0)
     x, y = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
@@ -65,8 +65,8 @@ def made(tmp_path_factory):
     paths, params = Paths(root), Params.from_dict(recipe_raw())
     write_learnable_splits(paths)
     pipeline.fit_zca(params, paths)
-    pipeline.buffers(params, paths)
-    pipeline.distill(params, paths, IPC)
+    pipeline.train_experts(params, paths)
+    pipeline.distill_ipc(params, paths, IPC)
     pipeline.evaluate_ipc(params, paths, IPC)
     exports = {fmt: pipeline.export_ipc(params, paths, IPC, fmt, root / "exports" / fmt)
                for fmt in ("safetensors", "png")}
@@ -240,7 +240,7 @@ def test_exported_pixels_preprocess_back_to_the_distilled_tensor(made, tmp_path,
 @pytest.mark.parametrize("shape, norm", [((1, 8, 8), "instance"), ((1, 28, 28), "instance"),
                                          ((3, 32, 32), "batch"), ((3, 32, 32), "none")])
 def test_the_snippets_network_is_datms(made, shape, norm):
-    from datm.steps.export import _recipe
+    from datm.pipeline.export import _recipe
 
     raw = tiny_raw()
     raw["net"].update(norm=norm, depth=3)
@@ -393,7 +393,7 @@ def test_the_card_says_which_labels_the_set_has(made, tmp_path, settings, words,
     raw = recipe_raw()
     raw["distill"]["defaults"].update(settings)
     mine = Params.from_dict(raw)
-    pipeline.distill(mine, Paths(root), IPC)
+    pipeline.distill_ipc(mine, Paths(root), IPC)
     out = pipeline.export_ipc(mine, Paths(root), IPC, "safetensors", root / "export")
     card = card_of(out)
     assert card["contents"]["label_logits"].startswith(words)

@@ -33,7 +33,7 @@ from datm import export as export_mod
 from datm.config import DataConfig
 from datm.data import DataError
 from datm.errors import UserError
-from stages import common
+from stages import common, launch
 
 # --- 1. untrusted bytes -----------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ def test_a_full_disk_under_safetensors_is_one_line_and_keeps_the_artifact(tmp_pa
 @pytest.mark.parametrize("refusal", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_a_refused_rename_is_one_line_and_keeps_the_artifact(tmp_path, monkeypatch, capsys,
                                                             refusal):
-    from datm.steps.project import write_json
+    from datm.pipeline.project import write_json
 
     target = tmp_path / "metrics" / "evaluate" / "ipc_1.json"
     write_json(target, {"acc": 0.5})
@@ -350,13 +350,13 @@ def test_a_stage_in_a_read_only_project_is_one_line_and_changes_nothing(tmp_path
     from datm.config import Params
 
     monkeypatch.setenv("DATM_TRACKING", "off")
-    monkeypatch.setenv(common.RANKS_ENV, "1")
+    monkeypatch.setenv(launch.RANKS_ENV, "1")
     raw = helpers.tiny_params()  # one IPC: what the summary needs is one evaluation
     raw["distill"]["ipcs"], raw["distill"]["ipc"] = [1], {1: raw["distill"]["ipc"][1]}
     raw["evaluate"].update(cross_ipcs=[], decompose_ipcs=[], ipc={1: {}})
     paths = helpers.tiny_project(tmp_path, raw)
     if stage != "distill":
-        pipeline.distill(Params.from_dict(raw), paths, 1)
+        pipeline.distill_ipc(Params.from_dict(raw), paths, 1)
     if stage == "summary":
         pipeline.write_json(paths.evaluation(1),
                             pipeline.evaluate_ipc(Params.from_dict(raw), paths, 1))
@@ -532,7 +532,7 @@ def test_a_killed_rank_is_the_one_line_not_the_peers_it_left(tmp_path, capsys):
     killed: the kill is the cause, and the one line."""
     (tmp_path / "rank0.err").write_text("lost the other processes (Connection closed by peer)")
     failed = _ChildFailed({0: _Failure(2, 11, 100), 1: _Failure(-signal.SIGKILL, 12, 101)})
-    assert common._rank_failed(failed, tmp_path) == 128 + signal.SIGKILL
+    assert launch._rank_failed(failed, tmp_path) == 128 + signal.SIGKILL
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: rank 1 (pid 12) was killed by SIGKILL, so the others were stopped: "
                    "run the same command again to resume"]
@@ -543,7 +543,7 @@ def test_gloos_paragraph_is_its_reason_in_a_few_words():
                        "Connection closed by peer [127.0.0.1]:14211. This is typically caused by "
                        "a remote worker crashing. Check the logs of the remote worker before "
                        "reporting an error. GLHF! 🏖️")
-    assert common._peer_lost(exc) == "Connection closed by peer [127.0.0.1]:14211"
+    assert launch._peer_lost(exc) == "Connection closed by peer [127.0.0.1]:14211"
 
 
 @pytest.mark.parametrize("code, received, line, exit_code", [
@@ -554,7 +554,7 @@ def test_gloos_paragraph_is_its_reason_in_a_few_words():
     (130, [signal.SIGINT], "interrupted: ", 130),
 ])
 def test_the_stage_process_says_how_its_launch_ended(capsys, code, received, line, exit_code):
-    assert common._launch_ended(code, received, 7, "stages.distill") == exit_code
+    assert launch._launch_ended(code, received, 7, "stages.distill") == exit_code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(line), err
 

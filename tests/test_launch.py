@@ -1,6 +1,6 @@
 """Stages as W processes: params.yaml's `launch` section, DATM_RANKS and the torchrun re-exec.
 
-A stage whose count is W > 1 runs its own command again under torchrun (stages/common.py); its
+A stage whose count is W > 1 runs its own command again under torchrun (stages/launch.py); its
 outputs must be those of one process: experts byte for byte, evaluation metrics equal, a
 distilled set equal to float rounding. Each stage run here is a real process on a tiny project
 on the CPU (gloo); a 2-process run costs ~5 s more than one (torchrun and two imports of torch).
@@ -25,7 +25,7 @@ from helpers import describe, error_lines, finish, start
 from datm import artifacts, pipeline
 from datm.config import ConfigError, LaunchConfig, Params, Paths, load_params
 from datm.errors import UserError
-from stages import common
+from stages import launch
 
 PYTHON = sys.executable
 TIMEOUT = 240  # a stage run that takes longer hangs
@@ -86,7 +86,7 @@ def test_an_error_every_rank_hits_is_one_line(tmp_path):
     raw = launch_params(evaluate=2)
     project = tmp_path / "project"
     paths = helpers.tiny_project(project, raw)
-    pipeline.distill(Params.from_dict(raw), paths, 1)
+    pipeline.distill_ipc(Params.from_dict(raw), paths, 1)
     tensors, meta = pipeline.load_distilled(paths.distilled(1))
     tensors["images"][0, 0, 0, 0] = float("nan")
     artifacts.save(paths.distilled(1), tensors, "distilled", meta)
@@ -99,18 +99,18 @@ def test_an_error_every_rank_hits_is_one_line(tmp_path):
 def test_a_launch_reports_rank_0s_saved_line_else_the_first_others(tmp_path, capsys):
     """The ranks of datm's launch save their error lines; once all have ended the launch prints
     one: rank 0's, whichever rank ended first (torchrun stops the rest at the first failure)."""
-    from stages import common
+    from stages import launch
 
     (tmp_path / "rank2.err").write_text("peer lost")
     (tmp_path / ".rank3.tmp").write_text("half writ")  # stopped while saving: not a line
-    common._report_rank_errors(tmp_path)
+    launch._report_rank_errors(tmp_path)
     assert capsys.readouterr().err.strip() == "error: rank 2: peer lost"
     (tmp_path / "rank0.err").write_text("images hold NaN")
-    common._report_rank_errors(tmp_path)
+    launch._report_rank_errors(tmp_path)
     assert capsys.readouterr().err.strip() == "error: images hold NaN"
     for path in tmp_path.iterdir():
         path.unlink()
-    common._report_rank_errors(tmp_path)
+    launch._report_rank_errors(tmp_path)
     assert capsys.readouterr().err == ""
 
 
@@ -143,36 +143,36 @@ def test_a_launch_section_that_is_no_mapping_is_a_config_error():
 
 def test_processes_take_datm_ranks_over_params_and_cap_at_the_work(tmp_path, monkeypatch):
     params = helpers.write_params(tmp_path, launch_params(evaluate=2, distill=4))
-    monkeypatch.delenv(common.RANKS_ENV, raising=False)
-    assert common.processes("evaluate", params) == 2
-    assert common.processes("buffers", params) == 1
-    assert common.processes("distill", params, most=lambda p: 3) == 3  # no idle process
-    monkeypatch.setenv(common.RANKS_ENV, "5")
-    assert common.processes("buffers", params) == 5
-    assert common.processes("evaluate", params, most=lambda p: p.evaluate.models) == 3
+    monkeypatch.delenv(launch.RANKS_ENV, raising=False)
+    assert launch.processes("evaluate", params) == 2
+    assert launch.processes("buffers", params) == 1
+    assert launch.processes("distill", params, most=lambda p: 3) == 3  # no idle process
+    monkeypatch.setenv(launch.RANKS_ENV, "5")
+    assert launch.processes("buffers", params) == 5
+    assert launch.processes("evaluate", params, most=lambda p: p.evaluate.models) == 3
     for bad in ("0", "-1", "x", "1.5"):
-        monkeypatch.setenv(common.RANKS_ENV, bad)
+        monkeypatch.setenv(launch.RANKS_ENV, bad)
         with pytest.raises(UserError, match=f"DATM_RANKS .*{bad!r}"):
-            common.processes("evaluate", params)
+            launch.processes("evaluate", params)
 
 
 def test_a_bad_distributed_timeout_is_a_user_error(monkeypatch):
-    monkeypatch.setenv(common.TIMEOUT_ENV, "soon")
+    monkeypatch.setenv(launch.TIMEOUT_ENV, "soon")
     with pytest.raises(UserError, match="DATM_DIST_TIMEOUT_S"):
-        common.dist_timeout()
-    monkeypatch.setenv(common.TIMEOUT_ENV, "2.5")
-    assert common.dist_timeout() == 2.5
+        launch.dist_timeout()
+    monkeypatch.setenv(launch.TIMEOUT_ENV, "2.5")
+    assert launch.dist_timeout() == 2.5
 
 
 def test_datm_ranks_is_refused_under_dvc(tmp_path, monkeypatch):
     """dvc.lock records launch.<stage>; an override DVC cannot see would record other bytes."""
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(launch_params(baseline=2)))
-    monkeypatch.setenv(common.RANKS_ENV, "1")
-    assert common.processes("baseline", params) == 1  # by hand: the override holds
+    monkeypatch.setenv(launch.RANKS_ENV, "1")
+    assert launch.processes("baseline", params) == 1  # by hand: the override holds
     monkeypatch.setenv("DVC_STAGE", "baseline@1")
     with pytest.raises(UserError, match="launch.baseline in params.yaml"):
-        common.processes("baseline", params)
+        launch.processes("baseline", params)
 
 
 # --- stages as 2 processes against 1 --------------------------------------------------------------
@@ -247,7 +247,7 @@ def test_baseline_on_two_processes_equals_one_process(project, tmp_path):
 
 def test_distill_on_two_processes_equals_one_process(project):
     two = twin(project, "distill2")
-    pipeline.buffers(load_params(two / "params.yaml"), Paths(two))
+    pipeline.train_experts(load_params(two / "params.yaml"), Paths(two))
     one = twin(two, "distill1")
     ok(run_stage(stage("distill", "--ipc", "2"), two))  # launch.distill: 2, recompute, instance
     ok(run_stage(stage("distill", "--ipc", "2"), one, DATM_RANKS="1"))

@@ -42,11 +42,11 @@ def marked(mark: str) -> list[psutil.Process]:
 
 
 def role(proc: psutil.Process) -> str:
-    """`rank`, `launch` (torchrun's, `python -m stages.common`) or `stage` (what started it)."""
+    """`rank`, `launch` (torchrun's, `python -m stages.launch`) or `stage` (what started it)."""
     try:
         if "LOCAL_RANK" in proc.environ():
             return "rank"
-        return "launch" if "stages.common" in proc.cmdline() else "stage"
+        return "launch" if "stages.launch" in proc.cmdline() else "stage"
     except psutil.Error:
         return "gone"
 
@@ -118,7 +118,7 @@ def test_a_stage_process_whose_starter_is_gone_ends_before_its_imports(variable,
     """The starter died before the process could arm its parent-death signal: its parent is
     another process by then. It ends at once, as if that signal had come."""
     never_a_pid = str(2**32)  # above any pid_max: whoever the parent is, not this one
-    result = subprocess.run([sys.executable, "-m", "stages.common", "--help"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "stages.launch", "--help"], capture_output=True,
                             text=True, env=helpers.stage_env(**{variable: never_a_pid}), timeout=60)
     assert result.returncode == 128 + signum, helpers.describe(result)
     assert result.stdout == result.stderr == "", helpers.describe(result)

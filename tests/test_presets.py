@@ -19,9 +19,10 @@ import yaml
 
 from datm import pipeline
 from datm.config import Params, Paths
-from datm.distill import DistillError, check_buffer
+from datm.distill import check_buffer
 from datm.experts import ExpertBuffer
-from datm.steps.project import write_json
+from datm.initialization import InitError
+from datm.pipeline.project import write_json
 from tests.helpers import learnable_uint8
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "presets").glob("*.yaml"))
@@ -123,11 +124,11 @@ def test_preset_runs_on_standin_data(preset: Path, tmp_path: Path) -> None:
 
     params = Params.from_dict(_shrunk(raw, standin))
     paths = Paths(tmp_path / "project")
-    summary = pipeline.download(params, paths)
+    summary = pipeline.download_data(params, paths)
     assert summary["shape"] == [channels, size, size] and summary["classes"] == classes
     assert str(standin) in summary["source"]
     pipeline.fit_zca(params, paths)
-    buffers, _ = pipeline.buffers(params, paths)
+    buffers, _ = pipeline.train_experts(params, paths)
     write_json(paths.metrics / "buffers.json", buffers)  # as the buffers stage does
     assert buffers["epochs"] == params.buffers.epochs
     assert all(len(r["test_acc"]) == params.buffers.epochs for r in buffers["runs"])
@@ -136,12 +137,12 @@ def test_preset_runs_on_standin_data(preset: Path, tmp_path: Path) -> None:
     for ipc in published.ipcs:  # every IPC's window fits the preset's buffer length
         check_buffer(published.distill(ipc), buffer)
     for ipc in [i for i in published.ipcs if i > per_class]:
-        with pytest.raises(DistillError, match="real images per class"):
-            pipeline.distill(params, paths, ipc)
+        with pytest.raises(InitError, match="real images per class"):
+            pipeline.distill_ipc(params, paths, ipc)
     runnable = [i for i in published.ipcs if i <= per_class]
     assert runnable, "every preset has an IPC the stand-in can supply"
     for ipc in runnable:
-        result = pipeline.distill(params, paths, ipc)
+        result = pipeline.distill_ipc(params, paths, ipc)
         assert result["iterations"] == 2
         tensors, meta = pipeline.load_distilled(paths.distilled(ipc))
         assert tensors["images"].shape == (classes * ipc, channels, size, size)

@@ -59,7 +59,7 @@ def built(tmp_path_factory) -> Path:
     paths, params = Paths(root), Params.from_dict(raw)
     _write_splits(paths)
     pipeline.fit_zca(params, paths)
-    pipeline.buffers(params, paths)
+    pipeline.train_experts(params, paths)
     return root
 
 
@@ -147,7 +147,7 @@ import os, signal, sys
 from pathlib import Path
 import torch
 from datm import artifacts
-from datm.steps.project import write_json
+from datm.pipeline.project import write_json
 target, kind = Path(sys.argv[1]), sys.argv[2]
 def replace(src, dst):  # killed after its temp is complete, just before the rename
     os.kill(os.getpid(), signal.SIGKILL)
@@ -168,7 +168,7 @@ def _temps_beside(target: Path) -> list[Path]:
 def test_the_next_write_removes_the_temp_of_a_writer_killed_before_its_rename(tmp_path, kind):
     """A metrics file (no lock guards it) or an artifact: a SIGKILL at the rename leaves the
     complete temp beside the old file; the next write of that file removes it."""
-    from datm.steps.project import write_json
+    from datm.pipeline.project import write_json
 
     target = tmp_path / "metrics" / "evaluate" / f"ipc_2.{kind}"
     write = (lambda value: write_json(target, {"distilled": value})) if kind == "json" else (
@@ -200,7 +200,7 @@ with artifacts.atomic_path(Path(sys.argv[1])) as tmp:
 @pytest.mark.slow
 def test_the_next_write_keeps_the_temp_of_a_live_writer(tmp_path):
     """Two writers of one metrics file at once: neither removes the other's temp."""
-    from datm.steps.project import write_json
+    from datm.pipeline.project import write_json
 
     target = tmp_path / "ipc_2.json"
     live = subprocess.Popen([sys.executable, "-c", LIVE_WRITER, str(target)], cwd=tmp_path,

@@ -9,7 +9,7 @@ from dataclasses import replace
 import helpers
 import pytest
 import torch
-from test_steps import tiny_raw
+from test_pipeline import tiny_raw
 
 from datm import artifacts, pipeline
 from datm.config import ConfigError, DistillConfig, Params
@@ -38,23 +38,23 @@ def _poison_last_row(path):
 
 def test_a_nan_expert_is_named_and_the_finished_set_is_kept(tmp_path):
     params, paths = _project(tmp_path)
-    pipeline.distill(params, paths, 1)
+    pipeline.distill_ipc(params, paths, 1)
     finished = paths.distilled(1).read_bytes()
     for expert in sorted(paths.buffers.glob("expert_*.safetensors")):
         _poison_last_row(expert)
     with pytest.raises(artifacts.ArtifactError, match="snapshot 2 holds NaN/inf"):
-        pipeline.distill(params, paths, 1, fresh=True)
+        pipeline.distill_ipc(params, paths, 1, fresh=True)
     assert paths.distilled(1).read_bytes() == finished
 
 
 def test_a_diverging_distillation_names_its_lr_and_replaces_nothing(tmp_path):
     params, paths = _project(tmp_path)
-    pipeline.distill(params, paths, 1)
+    pipeline.distill_ipc(params, paths, 1)
     finished = paths.distilled(1).read_bytes()
     wild = replace(params, distills={1: replace(params.distill(1), lr_img=1e5)})
     with pytest.raises(DistillError, match="diverged by iteration 2: its images reach .* lower "
                                            "lr_img"):
-        pipeline.distill(wild, paths, 1, fresh=True)
+        pipeline.distill_ipc(wild, paths, 1, fresh=True)
     assert paths.distilled(1).read_bytes() == finished
 
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 from helpers import TINY_AUG, TINY_SPEC
-from test_steps import tiny_raw, write_splits
+from test_pipeline import tiny_raw, write_splits
 
 from datm import artifacts, evaluate, pipeline
 from datm.config import Params, Paths
@@ -195,9 +195,9 @@ def test_pipeline_selects_on_training_images_never_the_test_split(monkeypatch, t
     raw["distill"]["defaults"].update(select_every=2, select_epochs=1, select_val_per_class=5)
     params = Params.from_dict(raw)
     pipeline.fit_zca(params, project)
-    pipeline.buffers(params, project)
+    pipeline.train_experts(params, project)
 
-    from datm.steps import distill as distill_step
+    from datm.pipeline import distill as distill_step
 
     real_model_data = distill_step.model_data
     train_x: list[torch.Tensor] = []
@@ -218,7 +218,7 @@ def test_pipeline_selects_on_training_images_never_the_test_split(monkeypatch, t
 
     monkeypatch.setattr(distill_step, "model_data", poisoned)
     monkeypatch.setattr(evaluate, "train_and_test", spy)
-    summary = pipeline.distill(params, project, 2)
+    summary = pipeline.distill_ipc(params, project, 2)
     assert len(seen) == 2  # iterations 2 and 3 (the end)
     for x_val, y_val in seen:
         assert torch.isfinite(x_val).all() and (y_val >= 0).all()

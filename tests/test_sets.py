@@ -17,7 +17,7 @@ from test_evaluate import EvalSpy as Spy  # the one spy on evaluate_set
 
 from datm import evaluate, pipeline, sets
 from datm.config import Params
-from datm.steps.export import FromOptions
+from datm.pipeline.export import FromOptions
 
 IPC = 2
 
@@ -73,7 +73,7 @@ def test_a_random_real_subset_as_an_image_folder_evaluates_exactly_as_baseline(p
 
 def test_a_distilled_set_in_datms_files_evaluates_exactly_as_evaluate(project, monkeypatch):
     root, paths, params = project
-    pipeline.distill(params, paths, IPC)
+    pipeline.distill_ipc(params, paths, IPC)
     spy = Spy(monkeypatch)
     ev = pipeline.evaluate_ipc(params, paths, IPC)
     tensors, _ = pipeline.load_distilled(paths.distilled(IPC))

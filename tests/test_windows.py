@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from test_steps import tiny_raw
+from test_pipeline import tiny_raw
 
 from datm import windows
 from datm.config import ConfigError, DistillConfig, Params
@@ -99,7 +99,7 @@ def test_a_distillation_with_an_auto_window_records_the_window_it_chose(tmp_path
                                 "syn_steps": 2}
     paths = helpers.tiny_project(tmp_path, raw)
     events: list[dict] = []
-    pipeline.distill(Params.from_dict(raw), paths, 2, events.append)
+    pipeline.distill_ipc(Params.from_dict(raw), paths, 2, events.append)
     _, meta = pipeline.load_distilled(paths.distilled(2))
     chosen = meta["settings"]
     assert chosen["window"] == "auto"

@@ -17,12 +17,12 @@ from .project import device_of, model_data, quiet, settled
 
 # Modules whose code decides a distillation's result: a checkpoint made by other code is not
 # resumed (it would finish as a mix of two algorithms).
-DISTILL_CODE = ("datm.distill", "datm.matching", "datm.networks", "datm.augment",
-                "datm.precision", "datm.evaluate", "datm.experts", "datm.data", "datm.zca",
-                "datm.windows", "datm.steps.distill")
+DISTILL_CODE = ("datm.distill", "datm.initialization", "datm.matching", "datm.networks",
+                "datm.augment", "datm.precision", "datm.evaluate", "datm.experts", "datm.data",
+                "datm.zca", "datm.windows", "datm.pipeline.distill")
 
 
-def distill(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
+def distill_ipc(params: Params, paths: Paths, ipc: int, callback: Callback = quiet,
             fresh: bool = False, group: Group = SINGLE) -> dict:
     """Distill one IPC, resuming from its checkpoint. On several ranks (`group`) every rank
     computes the same state (datm/distill.py); rank 0 alone writes checkpoints and the result."""

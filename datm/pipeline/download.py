@@ -6,7 +6,7 @@ from .. import data
 from ..config import Params, Paths
 
 
-def download(params: Params, paths: Paths) -> dict:
+def download_data(params: Params, paths: Paths) -> dict:
     """Read the dataset and save its splits. The artifacts name the dataset, not the folder it
     was read from (Debian's copy, torchvision's layout, ...): the same images give the same
     bytes on every machine. The folder is in the returned summary, for the console."""

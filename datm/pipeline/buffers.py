@@ -16,7 +16,7 @@ from ..events import Callback
 from .project import device_of, environment, model_data, quiet
 
 
-def buffers(params: Params, paths: Paths, callback: Callback = quiet,
+def train_experts(params: Params, paths: Paths, callback: Callback = quiet,
             group: Group = SINGLE) -> tuple[dict, dict[int, dict]]:
     """Train the missing experts; on several ranks (`group`) each trains its share.
 

@@ -1,5 +1,5 @@
 """Steps baseline@<ipc>, evaluate@<ipc> and crossarch@<ipc>: accuracy of fresh networks
-trained on each set (the full-set reference is the experts', datm/steps/buffers.py).
+trained on each set (the full-set reference is the experts', datm/pipeline/buffers.py).
 
 The random real baseline of an IPC depends on the evaluation recipe and the data, never on the
 distilled set: baseline@<ipc> computes it once into metrics/baseline/ipc_<ipc>.json, and
@@ -45,7 +45,7 @@ def measured_recipe(params: Params, cfg: EvalConfig, lr: float, device: str,
     recipe `cfg` of its IPC with the lr it trains at, the network and DSA settings, where it
     runs (the device kind and, on a CPU, the threads per process: they change the float
     rounding, which training amplifies) and the code. evaluate@<ipc> records it beside the
-    number; an export compares it with the recipe its card states (datm/steps/export.py)."""
+    number; an export compares it with the recipe its card states (datm/pipeline/export.py)."""
     aug = params.augment
     return {"arch": cfg.arch, "net": asdict(params.net), "lr": lr, "epochs": cfg.epochs,
             "batch": cfg.batch, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
@@ -56,7 +56,7 @@ def measured_recipe(params: Params, cfg: EvalConfig, lr: float, device: str,
 
 
 # The `evaluate` settings a random real baseline is a function of (its protocol below); the
-# baseline@<ipc> stage lists each as a DVC param (tests/test_pipeline.py checks dvc.yaml).
+# baseline@<ipc> stage lists each as a DVC param (tests/test_dvc_repro.py checks dvc.yaml).
 BASELINE_KEYS = ("arch", "models", "epochs", "batch", "momentum", "weight_decay", "augment",
                  "random_lr", "seed", "compile")
 

@@ -10,11 +10,11 @@ import torch
 
 from .. import evaluate
 from ..config import Params, Paths
-from ..distill import expert_soft_labels
 from ..distributed import SINGLE, Group
 from ..errors import UserError
 from ..events import Callback
 from ..experts import ExpertBuffer
+from ..initialization import expert_soft_labels
 from .evaluate import check_finite, random_real, runs, stored_baseline
 from .project import (
     device_of,

@@ -127,7 +127,7 @@ def _accuracy_for_card(paths: Paths, ipc: int, stated: dict, digest: str, fmt: s
     """The card's numbers. `distilled` is of exactly the exported tensors under the card's
     recipe, or NOT_MEASURED with the reason: evaluate@IPC's number counts only when it
     measured this very set (its digest) under everything the card's recipe states (`stated`,
-    as steps/evaluate.measured_recipe records it: settings, lr, device, threads, code) and the
+    as pipeline/evaluate.measured_recipe records it: settings, lr, device, threads, code) and the
     format keeps the set bit for bit."""
     if not paths.evaluation(ipc).is_file():
         return {"distilled": NOT_MEASURED, "measured": f"evaluate@{ipc} has not run: "

@@ -201,7 +201,7 @@ def guarded(fn: Callable[[], object], announce: bool = True) -> int:
         return report(exc)
     except interrupts.Terminated:
         if announce:
-            console.print(TERMINATED.format(what=escape(_stopped())), highlight=False)
+            console.print(TERMINATED.format(what=escape(stopped())), highlight=False)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         if announce:
@@ -235,7 +235,7 @@ def report(exc: UserError) -> int:
     return 2
 
 
-def _stopped() -> str:
+def stopped() -> str:
     """What a SIGTERM stopped, for its line: DVC's stage, `datm <command>` or the stage module."""
     if os.environ.get("DVC_STAGE"):
         return f"stage {os.environ['DVC_STAGE']}"

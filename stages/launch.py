@@ -43,13 +43,13 @@ from stages.common import (
     ERRORS_ENV,
     INTERRUPTED,
     TERMINATED,
-    _stopped,
     console,
     guarded,
     load,
     rank,
     refused,
     report,
+    stopped,
 )
 
 RANKS_ENV = "DATM_RANKS"             # processes per stage, for stages run by hand (not DVC)
@@ -220,7 +220,7 @@ def _launch_ended(code: int, received: list[int], pid: int, module: str) -> int:
     signal), after this process handed it the signals `received`; the stage's one line where
     the launch could not say it (Ctrl-C and SIGTERM: the ranks keep quiet about them)."""
     if code and (signal.SIGTERM in received or code == -signal.SIGTERM):  # to us or the launch
-        console.print(TERMINATED.format(what=escape(_stopped())), highlight=False)
+        console.print(TERMINATED.format(what=escape(stopped())), highlight=False)
         return 128 + signal.SIGTERM
     if code < 0 and code != -signal.SIGINT:  # a kill -9 of the launch: it could say nothing
         console.print(f"[bold red]error:[/] the launch of {module} (pid {pid}) was killed by "

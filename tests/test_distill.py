@@ -9,6 +9,7 @@ import torch
 from helpers import TINY_AUG, TINY_SPEC
 
 import datm.distill as distill_module
+import datm.initialization as initialization
 from datm import artifacts
 from datm.distill import (
     CHECKPOINT,
@@ -475,7 +476,7 @@ def test_the_scan_runs_in_chunks_and_stops_when_it_has_enough(monkeypatch, tiny_
 
     cfg = DistillConfig(ipc=2, max_start_epoch=2)
     whole = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(3))
-    monkeypatch.setattr(distill_module, "FlatModel", Spy)
+    monkeypatch.setattr(initialization, "FlatModel", Spy)
     small = initialize(cfg, tiny_buffer, x, y, torch.Generator().manual_seed(3), chunk=2)
     assert sizes and max(sizes) <= 2
     assert torch.equal(whole[0], small[0])  # same images, judged in pieces

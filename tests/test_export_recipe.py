@@ -346,7 +346,7 @@ def test_the_cards_threads_are_those_the_evaluation_runs_with(tmp_path, monkeypa
     """launch.evaluate processes each take OMP_NUM_THREADS if set, else a share of the cores;
     one process keeps its own: the card states what `datm evaluate` will run with (the card
     once said cores / launch.evaluate while evaluate@N ran with OMP_NUM_THREADS=1)."""
-    from stages import common
+    from datm.distributed import cores
     from stages import export as stage
 
     raw = recipe_raw()
@@ -354,7 +354,7 @@ def test_the_cards_threads_are_those_the_evaluation_runs_with(tmp_path, monkeypa
     path = helpers.write_params(tmp_path, raw)
     p = Params.from_dict(raw)
     monkeypatch.delenv("DATM_RANKS", raising=False)
-    share = max(1, common.cores() // 2)
+    share = max(1, cores() // 2)
     monkeypatch.setenv("OMP_NUM_THREADS", str(share + 3))  # not the share, whatever the cores
     assert stage.evaluation_threads(p, str(path), models=2) == share + 3
     monkeypatch.delenv("OMP_NUM_THREADS")

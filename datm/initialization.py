@@ -75,7 +75,7 @@ def initialize(cfg: DistillConfig, buffer: ExpertBuffer, x: torch.Tensor, y: tor
     if short:
         c, n = short[0]
         raise InitError(f"IPC {cfg.ipc} needs {cfg.ipc} real images per class, but class {c} "
-                           f"has {n}: lower the IPC or use init: noise")
+                        f"has {n}: lower the IPC or use init: noise")
     epoch = label_epoch(cfg, buffer)
     fm = FlatModel(buffer.spec, x.device).train(True)
     theta = cache(lambda k: buffer.snapshots_of(k, [epoch])[0].to(x.device))  # read each once

@@ -23,12 +23,12 @@ INIT = {
     50: ("real_correct", "expert", True, -1),
     1000: ("real_hard", "hard", False, -1),
 }
-# IPC: (models, epochs, batch, lr (0: learned x lr_scale), lr_scale, compile)
+# IPC: (models, epochs, batch, lr (0: learned x lr_scale), lr_scale, compile, random_lr)
 EVALUATE = {
-    1: (2, 300, 25, 0.0, 0.2, False),
-    10: (2, 300, 25, 0.0, 0.2, False),
-    50: (2, 300, 25, 0.0, 0.2, False),
-    1000: (2, 40, 128, 0.01, 0.2, True),
+    1: (2, 300, 25, 0.0, 0.2, False, 0.01),
+    10: (2, 300, 25, 0.0, 0.2, False, 0.01),
+    50: (2, 300, 25, 0.0, 0.2, False, 0.01),
+    1000: (2, 60, 128, 0.02, 0.2, True, 0.02),
 }
 
 
@@ -63,8 +63,9 @@ def test_each_ipcs_distillation(profile, ipc):
 @pytest.mark.parametrize("ipc", sorted(EVALUATE))
 def test_each_ipcs_evaluation_recipe(profile, ipc):
     e = profile.evaluation(ipc)
-    assert (e.models, e.epochs, e.batch, e.lr, e.lr_scale, e.compile) == EVALUATE[ipc]
-    assert (e.momentum, e.weight_decay, e.arch, e.random_lr) == (0.9, 5e-4, "convnet", 0.01)
+    assert (e.models, e.epochs, e.batch, e.lr, e.lr_scale, e.compile,
+            e.random_lr) == EVALUATE[ipc]
+    assert (e.momentum, e.weight_decay, e.arch) == (0.9, 5e-4, "convnet")
 
 
 def test_the_ipcs_stage_lists_and_launch(profile):

@@ -55,6 +55,7 @@ from stages.common import (
 RANKS_ENV = "DATM_RANKS"             # processes per stage, for stages run by hand (not DVC)
 OWN_LAUNCH_ENV = "DATM_OWN_LAUNCH"   # set for the ranks of `torchrun` below
 TIMEOUT_ENV = "DATM_DIST_TIMEOUT_S"  # how long a rank waits for the others in a collective
+PEERS_LOST = "lost the other processes"  # a rank's line when a peer died: a consequence, not a cause
 
 
 def processes(launch: str, params: str | Path,
@@ -146,7 +147,7 @@ def _as_rank(fn: Callable[[Group], object], params: str | Path) -> int:
             if not (isinstance(exc, torch_dist.DistError) or "gloo" in str(exc)):
                 raise  # a bug: its traceback
             raise DistributedError(
-                f"lost the other processes ({_peer_lost(exc)}): one of them died or hung; run "
+                f"{PEERS_LOST} ({_peer_lost(exc)}): one of them died or hung; run "
                 "the same command again to resume") from None
 
     try:
@@ -292,14 +293,23 @@ def _launch(argv: list[str]) -> int:
 
 
 def _rank_failed(exc, errors: Path) -> int:
-    """The launch's one line and exit code when a rank failed (torchrun's ChildFailedError): a
-    rank killed by a signal is the cause, and the others' "lost the other processes" only its
-    consequence, so its line alone; else the ranks' saved error line; Ctrl-C says nothing."""
+    """The launch's one line and exit code when a rank failed (torchrun's ChildFailedError).
+
+    A rank killed by a signal is the cause, and the others' "lost the other processes" only its
+    consequence, so its line alone; else the ranks' saved error line; Ctrl-C says nothing. One
+    exception: torchrun stops the ranks still running at the first failure with SIGTERM, and a
+    rank still starting up dies of it, so beside a rank's own error (a saved line that is not
+    a lost peer) a rank killed by SIGTERM is that stop, not a cause.
+    """
+    saved = _saved_errors(errors)
+    own_error = any(not line.startswith(PEERS_LOST) for line in saved.values())
     failures = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
+    if own_error:
+        failures = [(r, f) for r, f in failures if f.exitcode != -signal.SIGTERM] or failures
     killed = [(rank, f) for rank, f in failures if f.exitcode < 0 and f.exitcode != -signal.SIGINT]
-    rank, failure = killed[0] if killed else exc.get_first_failure()
+    rank, failure = killed[0] if killed else failures[0]
     if not killed:
-        _report_rank_errors(errors)
+        _report_rank_errors(saved)
     if failure.exitcode == -signal.SIGINT:  # Ctrl-C (interrupts.fatal): `torchrun` says so
         return 130
     if failure.exitcode >= 0:
@@ -322,17 +332,22 @@ def _errors_folder() -> str:
     return tempfile.mkdtemp(prefix=f"{prefix}{artifacts.owner_tag()}-")
 
 
-def _report_rank_errors(errors: Path) -> None:
-    """One error line for a launch: rank 0's when it saved one, else the first other rank's (a
-    user error every rank hit, or a peer lost because rank 0 stopped, is one line). The ranks
-    save their lines rather than print them: torchrun stops the others as soon as one rank
-    fails, so which of them gets to print would be a race."""
-    saved = {int(path.stem.removeprefix("rank")): path for path in errors.glob("rank*.err")}
+def _saved_errors(errors: Path) -> dict[int, str]:
+    """The error lines the ranks saved, by rank (one torchrun stopped while saving is absent)."""
+    return {int(path.stem.removeprefix("rank")): path.read_text()
+            for path in errors.glob("rank*.err")}
+
+
+def _report_rank_errors(saved: dict[int, str]) -> None:
+    """One error line for a launch: the first rank's own error (rank 0's when it has one), else
+    the first rank's lost peer (a user error every rank hit, or a peer lost because rank 0
+    stopped, is one line). The ranks save their lines rather than print them: torchrun stops
+    the others as soon as one rank fails, so which of them gets to print would be a race."""
+    own = [r for r, line in saved.items() if not line.startswith(PEERS_LOST)]
     if saved:
-        rank = min(saved)
+        rank = min(own or saved)
         prefix = f"rank {rank}: " if rank else ""
-        console.print(f"[bold red]error:[/] {prefix}{escape(saved[rank].read_text())}",
-                      highlight=False)
+        console.print(f"[bold red]error:[/] {prefix}{escape(saved[rank])}", highlight=False)
 
 
 if __name__ == "__main__":

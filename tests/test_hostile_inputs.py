@@ -538,6 +538,25 @@ def test_a_killed_rank_is_the_one_line_not_the_peers_it_left(tmp_path, capsys):
                    "run the same command again to resume"]
 
 
+def test_a_rank_torchrun_stopped_is_not_the_cause_beside_a_ranks_own_error(tmp_path, capsys):
+    """Rank 0 refused the set (exit 2, its line saved); torchrun then stopped rank 1 with
+    SIGTERM while it was still starting up (exit -15, CI's race): rank 0's line and exit 2."""
+    (tmp_path / "rank0.err").write_text("images hold NaN or inf")
+    failed = _ChildFailed({1: _Failure(-signal.SIGTERM, 12, 100), 0: _Failure(2, 11, 100)})
+    assert launch._rank_failed(failed, tmp_path) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: images hold NaN or inf"]
+
+
+def test_a_rank_killed_by_sigterm_is_the_cause_when_the_others_only_lost_it(tmp_path, capsys):
+    """SIGTERM sent to rank 1 alone: rank 0 only lost its peer, so the kill is the one line."""
+    (tmp_path / "rank0.err").write_text(f"{launch.PEERS_LOST} (Connection closed by peer)")
+    failed = _ChildFailed({0: _Failure(2, 11, 100), 1: _Failure(-signal.SIGTERM, 12, 100)})
+    assert launch._rank_failed(failed, tmp_path) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: rank 1 (pid 12) was killed by SIGTERM, so the others were stopped: run the same "
+        "command again to resume"]
+
+
 def test_gloos_paragraph_is_its_reason_in_a_few_words():
     exc = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] "
                        "Connection closed by peer [127.0.0.1]:14211. This is typically caused by "

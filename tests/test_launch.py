@@ -98,20 +98,24 @@ def test_an_error_every_rank_hits_is_one_line(tmp_path):
 
 def test_a_launch_reports_rank_0s_saved_line_else_the_first_others(tmp_path, capsys):
     """The ranks of datm's launch save their error lines; once all have ended the launch prints
-    one: rank 0's, whichever rank ended first (torchrun stops the rest at the first failure)."""
+    one: the first rank's own error, whichever rank ended first (torchrun stops the rest at the
+    first failure), a lost peer only when no rank saved its own error."""
     from stages import launch
 
-    (tmp_path / "rank2.err").write_text("peer lost")
+    def reported() -> str:
+        launch._report_rank_errors(launch._saved_errors(tmp_path))
+        return capsys.readouterr().err.strip()
+
+    (tmp_path / "rank2.err").write_text(f"{launch.PEERS_LOST} (peer gone)")
     (tmp_path / ".rank3.tmp").write_text("half writ")  # stopped while saving: not a line
-    launch._report_rank_errors(tmp_path)
-    assert capsys.readouterr().err.strip() == "error: rank 2: peer lost"
+    assert reported() == f"error: rank 2: {launch.PEERS_LOST} (peer gone)"
+    (tmp_path / "rank4.err").write_text("images hold NaN")
+    assert reported() == "error: rank 4: images hold NaN"
     (tmp_path / "rank0.err").write_text("images hold NaN")
-    launch._report_rank_errors(tmp_path)
-    assert capsys.readouterr().err.strip() == "error: images hold NaN"
+    assert reported() == "error: images hold NaN"
     for path in tmp_path.iterdir():
         path.unlink()
-    launch._report_rank_errors(tmp_path)
-    assert capsys.readouterr().err == ""
+    assert reported() == ""
 
 
 def test_shipped_params_parse_their_launch_section():

@@ -302,9 +302,8 @@ def _rank_failed(exc, errors: Path) -> int:
     a lost peer) a rank killed by SIGTERM is that stop, not a cause.
     """
     saved = _saved_errors(errors)
-    own_error = any(not line.startswith(PEERS_LOST) for line in saved.values())
     failures = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
-    if own_error:
+    if _own_error_ranks(saved):
         failures = [(r, f) for r, f in failures if f.exitcode != -signal.SIGTERM] or failures
     killed = [(rank, f) for rank, f in failures if f.exitcode < 0 and f.exitcode != -signal.SIGINT]
     rank, failure = killed[0] if killed else failures[0]
@@ -338,14 +337,18 @@ def _saved_errors(errors: Path) -> dict[int, str]:
             for path in errors.glob("rank*.err")}
 
 
+def _own_error_ranks(saved: dict[int, str]) -> list[int]:
+    """The ranks whose saved line is their own error, not a peer they lost."""
+    return [rank for rank, line in saved.items() if not line.startswith(PEERS_LOST)]
+
+
 def _report_rank_errors(saved: dict[int, str]) -> None:
     """One error line for a launch: the first rank's own error (rank 0's when it has one), else
     the first rank's lost peer (a user error every rank hit, or a peer lost because rank 0
     stopped, is one line). The ranks save their lines rather than print them: torchrun stops
     the others as soon as one rank fails, so which of them gets to print would be a race."""
-    own = [r for r, line in saved.items() if not line.startswith(PEERS_LOST)]
     if saved:
-        rank = min(own or saved)
+        rank = min(_own_error_ranks(saved) or saved)
         prefix = f"rank {rank}: " if rank else ""
         console.print(f"[bold red]error:[/] {prefix}{escape(saved[rank])}", highlight=False)
 
